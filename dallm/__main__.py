@@ -1,0 +1,3 @@
+from dallm.cli import main
+
+main()

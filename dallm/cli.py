@@ -1,0 +1,131 @@
+"""Command line: `python -m dallm fit|validate --config C.yaml` (LightningCLI over jsonargparse)."""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from dallm.callbacks import LoraExport, run_dir
+from dallm.data import DallmDataModule
+from dallm.module import DallmModule
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": "dallm"},
+    },
+    # The data module shards its step-indexed stream itself (exact resume, one shard per rank).
+    "use_distributed_sampler": False,
+    "max_steps": 1000,
+    # One "epoch" is the whole run, so validation is scheduled in steps, not epochs.
+    "check_val_every_n_epoch": None,
+    "val_check_interval": 250,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 10,
+}
+
+
+class DallmCLI(LightningCLI):
+    """LightningCLI with dallm's links, forced callbacks and resume-in-place."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # One source of truth: the base model and the prompt are set once, under --model / --data.
+        for key in ("pretrained_model_name_or_path", "revision", "variant"):
+            parser.link_arguments(f"model.{key}", f"data.{key}")
+        parser.link_arguments("data.instance_prompt", "model.instance_prompt")
+        parser.link_arguments("data.seed", "model.seed")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.every_n_train_steps": 250,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.filename": "step={step:06d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LoraExport, "export")
+        parser.set_defaults(
+            {
+                "model.optimizer": {
+                    "class_path": "torch.optim.AdamW",
+                    "init_args": {"lr": 1e-4, "weight_decay": 1e-2},
+                }
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            resolve_last_checkpoint(self.config[self.subcommand])
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        out = run_dir(trainer)  # a collective under DDP: every rank must ask
+        if trainer.is_global_zero:
+            print(f"dallm: run directory {out}")
+            print(f"  TensorBoard: tensorboard --logdir {out.parent}")
+            print(f"  checkpoints: {out / 'checkpoints'}   (resume: --ckpt_path last)")
+            print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}")
+
+
+def resolve_last_checkpoint(cfg) -> None:
+    """Make `--ckpt_path last` resume the newest run of this logger name, in its own run directory.
+
+    Lightning's own "last" looks only in the new run's (empty) version directory and then starts from
+    scratch with a warning; here it finds `<save_dir>/<name>/version_k/checkpoints/last.ckpt`, resumes
+    from it and keeps logging into version_k so the TensorBoard curves continue.
+    """
+    if cfg.get("ckpt_path") != "last":
+        return
+    logger = cfg.trainer.get("logger")
+    init = getattr(logger, "init_args", None)
+    if init is None:
+        return  # no TensorBoard logger to follow: leave "last" to Lightning's checkpoint dirs
+    save_dir = Path(init.get("save_dir") or "lightning_logs")
+    name = init.get("name") or ""
+    root = save_dir / name
+    if init.get("version") is not None:
+        candidates = [root / (init.version if isinstance(init.version, str) else f"version_{init.version}")]
+    else:
+        candidates = sorted(
+            (p for p in root.glob("version_*") if re.fullmatch(r"version_\d+", p.name)),
+            key=lambda p: int(p.name.split("_")[1]),
+        )
+    runs = [p for p in candidates if (p / "checkpoints" / "last.ckpt").exists()]
+    if not runs:
+        raise ValueError(
+            f"--ckpt_path last: no checkpoints/last.ckpt under {root}/version_*: nothing to resume"
+        )
+    run = runs[-1]
+    cfg.ckpt_path = str(run / "checkpoints" / "last.ckpt")
+    init.version = int(run.name.split("_")[1]) if re.fullmatch(r"version_\d+", run.name) else run.name
+    print(f"dallm: resuming {cfg.ckpt_path}")
+
+
+def main(args: ArgsType = None) -> DallmCLI | None:
+    """Entry point of `python -m dallm` and the `dallm` script; tests call it in-process."""
+    # Resume is exact by construction (step-indexed data and noise), so Lightning's generic warning that a
+    # mid-epoch resume may be unreliable does not apply to dallm runs.
+    warnings.filterwarnings(
+        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
+    )
+    return DallmCLI(
+        DallmModule,
+        DallmDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args if args is not None else sys.argv[1:],
+    )

@@ -1,0 +1,385 @@
+"""The LightningModule: a frozen Stable Diffusion base, LoRA on its attention, learned placeholder tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from dallm import diffusion, lora, tokens
+from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
+
+# Stored half dtype of the frozen base for each mixed-precision setting of the trainer.
+_FROZEN_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+class DallmModule(pl.LightningModule):
+    """Fine-tune Stable Diffusion with LoRA + pivotal tokens + DreamBooth prior preservation."""
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        revision: str | None = None,
+        variant: str | None = None,
+        rank: int = 4,
+        alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] = DEFAULT_UNET_TARGETS,
+        train_text_encoder: bool = False,
+        text_encoder_target_modules: list[str] = DEFAULT_TEXT_ENCODER_TARGETS,
+        placeholder_tokens: list[str] = ["<s1>", "<s2>"],  # noqa: B006 (jsonargparse needs a literal default)
+        initializer_token: str | None = "painting",
+        token_lr: float = 1e-3,
+        instance_prompt: str = "a realistic painting of a cat in baroque art style like <s1><s2>",
+        prior_loss_weight: float = 1.0,
+        snr_gamma: float | None = None,
+        seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            pretrained_model_name_or_path: base model: a hub id or a local directory in the diffusers layout
+                (vae/, text_encoder/, tokenizer/, unet/, scheduler/).
+            revision: hub revision (branch, tag or commit) of the base model.
+            variant: weight-file variant of the base model, e.g. "fp16".
+            rank: LoRA rank r (>= 1).
+            alpha: LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank (scale 1).
+            lora_dropout: dropout on the LoRA branch, in [0, 1).
+            target_modules: UNet modules that get LoRA (suffix match); the default covers Q/K/V/O of every
+                self- and cross-attention block.
+            train_text_encoder: also put LoRA on the text encoder's attention projections.
+            text_encoder_target_modules: text-encoder modules that get LoRA when train_text_encoder is on.
+            placeholder_tokens: new tokens learned jointly with LoRA (pivotal tuning); each becomes its own id.
+                Empty list: no pivotal tuning.
+            initializer_token: a single-token word whose embedding initialises every placeholder token;
+                null for a random initialisation at the table's scale.
+            token_lr: learning rate of the placeholder-token embeddings (the LoRA uses the optimizer's lr).
+            instance_prompt: prompt of the teacher images, used for sampling (linked from --data.instance_prompt).
+            prior_loss_weight: weight of the prior-preservation loss on class images.
+            snr_gamma: min-SNR-gamma loss weighting (e.g. 5.0); null for the plain MSE.
+            seed: seed of the per-step noise and timesteps (linked from --data.seed); resume-exact.
+            optimizer: optimizer of the trainable parameters (LoRA group + token group at token_lr).
+            lr_scheduler: learning-rate schedule, stepped every optimizer step; null for a constant rate.
+        """
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"--model.rank must be >= 1, got {rank}")
+        if alpha is not None and alpha <= 0:
+            raise ValueError(f"--model.alpha must be > 0, got {alpha}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"--model.lora_dropout must be in [0, 1), got {lora_dropout}")
+        if prior_loss_weight < 0:
+            raise ValueError(f"--model.prior_loss_weight must be >= 0, got {prior_loss_weight}")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"--model.snr_gamma must be > 0, got {snr_gamma}")
+        if token_lr <= 0:
+            raise ValueError(f"--model.token_lr must be > 0, got {token_lr}")
+        missing = [t for t in placeholder_tokens if t not in instance_prompt]
+        if missing:
+            raise ValueError(
+                f"--data.instance_prompt {instance_prompt!r} does not contain the placeholder tokens {missing} "
+                "(--model.placeholder_tokens): they would never be trained"
+            )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        # The checkpoint holds only what trains; the frozen base is reloaded from its source.
+        self.strict_loading = False
+        self.unet = None
+
+    # ------------------------------------------------------------------ loading
+    def frozen_dtype(self) -> torch.dtype:
+        """Dtype of the frozen base: half when the trainer runs mixed precision, else fp32."""
+        trainer = self._trainer
+        return (
+            _FROZEN_DTYPE.get(str(trainer.precision), torch.float32) if trainer is not None else torch.float32
+        )
+
+    def configure_model(self) -> None:
+        """Load the frozen base once, add placeholder tokens and LoRA (idempotent)."""
+        if self.unet is not None:
+            return
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers.training_utils import cast_training_params
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        hp = self.hparams
+        src = hp.pretrained_model_name_or_path
+        dtype = self.frozen_dtype()
+        kw = {"revision": hp.revision}
+        weights = {"variant": hp.variant, "torch_dtype": dtype, **kw}
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+            self.noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights)
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **weights)
+            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights)
+        except (OSError, ValueError) as err:
+            where = (
+                "local directory"
+                if Path(src).exists()
+                else "hub id (is HF_HUB_OFFLINE set, or is it cached?)"
+            )
+            raise ValueError(
+                f"--model.pretrained_model_name_or_path: cannot load the base model {src!r} as a {where}: "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+
+        for part in (text_encoder, vae, unet):
+            part.requires_grad_(False)
+            part.eval()
+
+        lora.check_target_modules(unet, hp.target_modules, "--model.target_modules")
+        lora.add_lora(unet, lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.target_modules))
+        if hp.train_text_encoder:
+            lora.check_target_modules(
+                text_encoder, hp.text_encoder_target_modules, "--model.text_encoder_target_modules"
+            )
+            lora.add_lora(
+                text_encoder,
+                lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.text_encoder_target_modules),
+            )
+        if hp.placeholder_tokens:
+            tokens.add_placeholder_tokens(
+                self.tokenizer, text_encoder, list(hp.placeholder_tokens), hp.initializer_token
+            )
+        # Frozen base stays in its (half) dtype; only the trainable parameters are fp32.
+        cast_training_params([unet, text_encoder], dtype=torch.float32)
+
+        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        trainable, total = lora.count_parameters(self)
+        self.param_counts = {"trainable": trainable, "total": total}
+        rank_zero_info(
+            f"dallm: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%); "
+            f"frozen base stored as {dtype}"
+        )
+
+    @property
+    def token_embedding(self) -> tokens.PlaceholderEmbedding | None:
+        emb = self.text_encoder.get_input_embeddings()
+        return emb if isinstance(emb, tokens.PlaceholderEmbedding) else None
+
+    def train(self, mode: bool = True):
+        """Keep the frozen VAE and text encoder in eval mode whatever Lightning asks.
+
+        The UNet follows `mode` only for the LoRA dropout; its own layers have no dropout in SD.
+        """
+        super().train(mode)
+        if self.unet is not None:
+            self.vae.eval()
+            if not self.hparams.train_text_encoder:
+                self.text_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------ steps
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt strings -> CLIP hidden states (N, 77, D)."""
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def step_generator(self, micro_step: int) -> torch.Generator:
+        """Noise source for one micro-batch: a pure function of (seed, step, rank), so resume is exact."""
+        seed = (self.hparams.seed * 1_000_003 + micro_step) * 4099 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(seed % (2**63))
+
+    def diffusion_losses(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample (weighted) diffusion losses of a batch: (N,)."""
+        pixels = batch["pixel_values"].to(self.vae.dtype)  # (N, 3, H, W)
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+            latents = latents * self.vae.config.scaling_factor  # (N, 4, H/8, W/8)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = diffusion.sample_timesteps(
+            latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, latents.device
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = self.encode_prompts(batch["prompts"])
+        pred = self.unet(noisy, timesteps, hidden).sample
+        target = diffusion.training_target(self.noise_scheduler, latents, noise, timesteps)
+        losses = diffusion.per_sample_mse(pred, target)
+        if self.hparams.snr_gamma is not None:
+            losses = losses * diffusion.min_snr_weights(
+                self.noise_scheduler, timesteps, self.hparams.snr_gamma
+            )
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        accumulate = self.trainer.accumulate_grad_batches
+        micro_step = self.global_step * accumulate + batch_idx % accumulate
+        generator = self.step_generator(micro_step)
+        if self.hparams.lora_dropout > 0:
+            torch.manual_seed(generator.initial_seed())  # dropout draws from the global RNG
+        losses = self.diffusion_losses(batch, generator)
+        loss, loss_instance, loss_prior = diffusion.instance_prior_loss(
+            losses, batch["is_prior"].to(losses.device), self.hparams.prior_loss_weight
+        )
+        n = len(batch["prompts"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss_instance", loss_instance, batch_size=n)
+        self.log("train/loss_prior", loss_prior, batch_size=n)
+        for group in self.trainer.optimizers[0].param_groups:
+            self.log(f"train/lr_{group['name']}", group["lr"], batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps per held-out image, so the curve compares like with like.
+        losses = []
+        for i, seed in enumerate(batch["seeds"].tolist()):
+            single = {k: v[i : i + 1] for k, v in batch.items() if k != "prompts"}
+            single["prompts"] = batch["prompts"][i : i + 1]
+            gen = torch.Generator(device=self.device).manual_seed(int(seed))
+            losses.append(self.diffusion_losses(single, gen))
+        self.log("val/loss", torch.cat(losses).mean(), batch_size=len(losses), sync_dist=True)
+
+    def on_train_start(self) -> None:
+        if self.logger is not None:
+            self.logger.log_metrics(
+                {
+                    "params/trainable": self.param_counts["trainable"],
+                    "params/total": self.param_counts["total"],
+                    "params/trainable_ratio": self.param_counts["trainable"] / self.param_counts["total"],
+                },
+                step=self.global_step,
+            )
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_groups(self) -> list[dict]:
+        """Parameter groups: LoRA (optimizer lr) and placeholder tokens (token_lr, no weight decay)."""
+        emb = self.token_embedding
+        token_params = [emb.new_embeddings] if emb is not None else []
+        token_ids = {id(p) for p in token_params}
+        lora_params = [p for p in self.parameters() if p.requires_grad and id(p) not in token_ids]
+        groups = [{"params": lora_params, "name": "lora"}]
+        if token_params:
+            groups.append(
+                {"params": token_params, "name": "tokens", "lr": self.hparams.token_lr, "weight_decay": 0.0}
+            )
+        return groups
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.trainable_groups())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """State-dict entries of the trainable parameters only (LoRA + token rows)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["dallm"] = {
+            "base": self.hparams.pretrained_model_name_or_path,
+            "rank": self.hparams.rank,
+            "placeholder_tokens": list(self.hparams.placeholder_tokens),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        expected = set(self.trainable_state_dict())
+        got = set(checkpoint["state_dict"])
+        if expected != got:
+            raise ValueError(
+                f"--ckpt_path: the checkpoint's trainable weights do not match this model "
+                f"(missing {sorted(expected - got)[:3]}, unexpected {sorted(got - expected)[:3]}); "
+                f"it was made with {checkpoint.get('dallm')}"
+            )
+
+    # ------------------------------------------------------------------ sampling and export
+    def pipeline(self, scheduler=None):
+        """A diffusers pipeline over this module's own (LoRA-carrying) parts; no copies."""
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        if scheduler is None:
+            scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        seeds: list[int],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+        scheduler=None,
+        output_type: str = "pil",
+    ):
+        """Sample one image per seed for `prompt` with the current weights (eval mode, restored after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            pipe = self.pipeline(scheduler)
+            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+            autocast = torch.autocast(
+                self.device.type, dtype=self.vae.dtype, enabled=self.vae.dtype != torch.float32
+            )
+            with autocast:
+                out = pipe(
+                    prompt=[prompt] * len(seeds),
+                    generator=generators,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    output_type=output_type,
+                )
+            return out.images
+        finally:
+            self.train(was_training)
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the LoRA (diffusers format) and the token embeddings (textual-inversion files) to `out_dir`."""
+        hp = self.hparams
+        info = {
+            "base_model": hp.pretrained_model_name_or_path,
+            "revision": hp.revision,
+            "rank": hp.rank,
+            "alpha": hp.alpha if hp.alpha is not None else hp.rank,
+            "target_modules": list(hp.target_modules),
+            "train_text_encoder": hp.train_text_encoder,
+            "placeholder_tokens": list(hp.placeholder_tokens),
+            "instance_prompt": hp.instance_prompt,
+            "global_step": self.global_step if self._trainer is not None else None,
+            "token_files": [tokens.token_file_name(t) for t in hp.placeholder_tokens],
+        }
+        out_dir = Path(out_dir)
+        lora.save_diffusers_lora(
+            out_dir, self.unet, self.text_encoder if hp.train_text_encoder else None, info
+        )
+        emb = self.token_embedding
+        if emb is not None:
+            meta = {
+                "base_model": str(hp.pretrained_model_name_or_path),
+                "format": "diffusers-textual-inversion",
+            }
+            tokens.save_token_embeddings(
+                out_dir, tokens.embeddings_by_token(emb, list(hp.placeholder_tokens)), meta
+            )
+        return out_dir

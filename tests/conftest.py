@@ -1,0 +1,21 @@
+"""Shared pytest fixtures. Keep each fixture self-contained: several test modules rely on them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network; set before diffusers/transformers read it at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable-Diffusion-layout model (32x32 images, DDIM) saved once per test session."""
+    from dallm.tiny import build_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_pipeline(out, seed=0, resolution=32)
+    return out

@@ -1,0 +1,249 @@
+"""The CLI end to end on the tiny model: configs, fit, TensorBoard, checkpoints, exact resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dallm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def fit(tmp: Path, *extra: str, steps: int = 4, every: int = 4, name: str = "run") -> None:
+    main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--model.pretrained_model_name_or_path",
+            str(ROOT / "assets/tiny/base"),
+            "--data.teacher_dir",
+            str(ROOT / "assets/tiny/teacher"),
+            "--data.prior_dir",
+            str(tmp / "prior"),
+            "--data.num_prior_images",
+            "4",
+            "--data.batch_size",
+            "2",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp / "logs"),
+            "--trainer.logger.init_args.name",
+            name,
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.val_check_interval",
+            str(every),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--checkpoint.every_n_train_steps",
+            str(every),
+            *extra,
+        ]
+    )
+
+
+def trainable(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")), ids=str
+)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    # Linked values are set once: the prompt under data, the base model under model.
+    assert "<s1>" in printed["data"]["instance_prompt"] and "instance_prompt" not in printed["model"]
+    assert (
+        printed["model"]["pretrained_model_name_or_path"]
+        and "pretrained_model_name_or_path" not in printed["data"]
+    )
+    # The first line of every config is the command that runs it.
+    assert (ROOT / config).read_text().splitlines()[0] == f"# python -m dallm fit --config {config}"
+
+
+def test_help_lists_documented_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for flag in (
+        "--model.rank",
+        "--model.placeholder_tokens",
+        "--data.teacher_dir",
+        "--checkpoint.every_n_train_steps",
+    ):
+        assert flag in out
+    assert "LoRA rank r" in out
+
+
+def test_fit_logs_checkpoints_and_exports(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(tmp_path, steps=4, every=2)
+    run = tmp_path / "logs" / "run" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["rank"] == 4 and saved["trainer"]["max_steps"] == 4
+
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/loss_instance",
+        "train/loss_prior",
+        "train/lr_lora",
+        "train/lr_tokens",
+        "val/loss",
+        "params/trainable",
+        "params/trainable_ratio",
+    ):
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 3]  # after optimizer steps 2 and 4
+    assert all(e.value > 0 for e in events.Scalars("train/loss_prior"))
+
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    # Only what trains is in the checkpoint (plus optimizer/loop state), never the frozen base.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["optimizer_states"] and ckpt["loops"]
+    assert all("lora_" in k or k.endswith("new_embeddings") for k in ckpt["state_dict"])
+
+    for step in ("step=000002", "step=000004", "last"):
+        files = {p.name for p in (run / "lora" / step).iterdir()}
+        assert {"pytorch_lora_weights.safetensors", "s1.safetensors", "s2.safetensors", "dallm.json"} <= files
+    last = load_file(run / "lora" / "last" / "s1.safetensors")
+    assert torch.allclose(
+        last["<s1>"], next(v for k, v in ckpt["state_dict"].items() if k.endswith("new_embeddings"))[0]
+    )
+
+    # Class images were generated once into the prior dir, with a manifest line per image.
+    assert len(list((tmp_path / "prior").glob("*.png"))) == 4
+    assert len((tmp_path / "prior" / "manifest.jsonl").read_text().splitlines()) == 4
+
+
+def test_checkpoint_is_small(tmp_path):
+    fit(tmp_path, "--model.rank", "1", steps=1, every=1)
+    path = tmp_path / "logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    base_bytes = sum(f.stat().st_size for f in (ROOT / "assets/tiny/base").rglob("*.safetensors"))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    tensors = list(ckpt["state_dict"].values())
+    tensors += [
+        t for s in ckpt["optimizer_states"][0]["state"].values() for t in s.values() if torch.is_tensor(t)
+    ]
+    payload = sum(t.numel() * t.element_size() for t in tensors)
+    assert payload < 0.05 * base_bytes
+    # The file adds ~0.5 KB of zip framing per tensor, which dominates only at toy scale (113 tiny
+    # tensors here); it stays far below the base model, which would be 100%.
+    assert path.stat().st_size < 0.10 * base_bytes
+
+
+def test_resume_is_exact(tmp_path):
+    fit(tmp_path, steps=8, every=4, name="straight")
+    fit(tmp_path, steps=4, every=4, name="resumed")
+    fit(tmp_path, "--ckpt_path", "last", steps=8, every=4, name="resumed")
+    straight = trainable(tmp_path / "logs/straight/version_0/checkpoints/last.ckpt")
+    resumed_ckpt = tmp_path / "logs/resumed/version_0/checkpoints/last.ckpt"
+    assert not (tmp_path / "logs/resumed/version_1").exists()  # resumed in place, curves continue
+    assert torch.load(resumed_ckpt, map_location="cpu", weights_only=True)["global_step"] == 8
+    resumed = trainable(resumed_ckpt)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6, rtol=0), key
+    # and training moved the weights at all between steps 4 and 8
+    at4 = trainable(tmp_path / "logs/resumed/version_0/checkpoints/step=000004.ckpt")
+    assert any(not torch.allclose(at4[k], resumed[k]) for k in at4)
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="--ckpt_path last: no checkpoints/last.ckpt"):
+        fit(tmp_path, "--ckpt_path", "last")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--model.rank", "0"], "--model.rank must be >= 1"),
+        (["--data.resolution", "30"], "--data.resolution"),
+        (["--data.num_teacher_images", "99"], "--data.num_teacher_images"),
+        (["--model.target_modules", "[to_x]"], "--model.target_modules: 'to_x' matches no module"),
+        (
+            ["--model.placeholder_tokens", "[cat</w>]", "--data.instance_prompt", "a cat</w>"],
+            "already in the tokenizer",
+        ),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path, *args)
+    assert not list((tmp_path / "logs").rglob("*.ckpt")) if (tmp_path / "logs").exists() else True
+
+
+def test_ddp_two_processes_end_identical(tmp_path):
+    probe = tmp_path / "probe.yaml"
+    probe.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {"class_path": "rank_probe.SaveRankWeights", "init_args": {"out_dir": str(tmp_path)}}
+                    ]
+                }
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "dallm",
+        "fit",
+        "--config",
+        str(TINY),
+        "--config",
+        str(probe),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--data.prior_dir",
+        str(tmp_path / "prior"),
+        "--data.num_prior_images",
+        "4",
+        "--data.batch_size",
+        "2",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    w0 = load_file(tmp_path / "rank0.safetensors")
+    w1 = load_file(tmp_path / "rank1.safetensors")
+    seen0 = set(load_file(tmp_path / "rank0.safetensors").keys())
+    assert seen0 == set(w1) and len(w0) > 0
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), key
+    # each rank saw its own shard of the teacher stream
+    assert (tmp_path / "rank0.txt").read_text() != (tmp_path / "rank1.txt").read_text()
+    # class images generated once, by rank 0
+    assert len((tmp_path / "prior" / "manifest.jsonl").read_text().splitlines()) == 4
+    assert len(list((tmp_path / "logs").rglob("lora/last/pytorch_lora_weights.safetensors"))) == 1
