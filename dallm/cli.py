@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -116,16 +117,20 @@ def resolve_last_checkpoint(cfg) -> None:
 
 def main(args: ArgsType = None) -> DallmCLI | None:
     """Entry point of `python -m dallm` and the `dallm` script; tests call it in-process."""
-    # Resume is exact by construction (step-indexed data and noise), so Lightning's generic warning that a
-    # mid-epoch resume may be unreliable does not apply to dallm runs.
-    warnings.filterwarnings(
-        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
-    )
-    return DallmCLI(
-        DallmModule,
-        DallmDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args if args is not None else sys.argv[1:],
-    )
+    # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    try:
+        return DallmCLI(
+            DallmModule,
+            DallmDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        # Bad input gets one line naming the culprit, not a 60-line traceback through Lightning.
+        if os.environ.get("DALLM_TRACEBACK"):
+            raise
+        print(f"dallm: error: {err}\n  (DALLM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from err

@@ -164,9 +164,71 @@ def test_resume_is_exact(tmp_path):
     assert any(not torch.allclose(at4[k], resumed[k]) for k in at4)
 
 
-def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="--ckpt_path last: no checkpoints/last.ckpt"):
-        fit(tmp_path, "--ckpt_path", "last")
+def one_line_error(capsys, run) -> str:
+    """Run `run`, expect dallm's one-line error exit (code 2), return the error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2].startswith("dallm: error: ")
+    return lines[-2]
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
+    line = one_line_error(capsys, lambda: fit(tmp_path, "--ckpt_path", "last"))
+    assert "--ckpt_path last: no checkpoints/last.ckpt" in line
+
+
+def test_validate_subcommand_scores_a_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(tmp_path, steps=2, every=2)
+    ckpt = tmp_path / "logs/run/version_0/checkpoints/last.ckpt"
+    args = [
+        "validate",
+        "--config",
+        str(TINY),
+        "--ckpt_path",
+        str(ckpt),
+        "--model.pretrained_model_name_or_path",
+        str(ROOT / "assets/tiny/base"),
+        "--data.teacher_dir",
+        str(ROOT / "assets/tiny/teacher"),
+        "--data.prior_dir",
+        str(tmp_path / "prior"),
+        "--data.num_prior_images",
+        "4",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "val_logs"),
+    ]
+    main(args)
+    events = EventAccumulator(str(tmp_path / "val_logs/tiny/version_0")).Reload()
+    fit_val = EventAccumulator(str(tmp_path / "logs/run/version_0")).Reload().Scalars("val/loss")[-1].value
+    # Same checkpoint, same fixed per-image noise: validate reproduces fit's last validation loss.
+    assert events.Scalars("val/loss")[0].value == pytest.approx(fit_val, rel=1e-5)
+
+
+def test_lr_scheduler_is_injected_and_stepped_per_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(
+        tmp_path,
+        "--model.lr_scheduler",
+        "torch.optim.lr_scheduler.LinearLR",
+        "--model.lr_scheduler.start_factor",
+        "0.25",
+        "--model.lr_scheduler.total_iters",
+        "2",
+        "--model.optimizer.lr",
+        "0.004",
+        "--trainer.log_every_n_steps",
+        "1",
+        steps=3,
+        every=3,
+    )
+    events = EventAccumulator(str(tmp_path / "logs/run/version_0")).Reload()
+    lrs = [e.value for e in events.Scalars("train/lr_lora")]
+    assert lrs == pytest.approx([0.001, 0.0025, 0.004])
 
 
 @pytest.mark.parametrize(
@@ -182,10 +244,9 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         ),
     ],
 )
-def test_bad_input_fails_before_training(tmp_path, args, match):
-    with pytest.raises(ValueError, match=match):
-        fit(tmp_path, *args)
-    assert not list((tmp_path / "logs").rglob("*.ckpt")) if (tmp_path / "logs").exists() else True
+def test_bad_input_fails_before_training(tmp_path, capsys, args, match):
+    assert match in one_line_error(capsys, lambda: fit(tmp_path, *args))
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_ddp_two_processes_end_identical(tmp_path):
