@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -53,3 +54,288 @@ class LoraExport(pl.Callback):
         out = self.export(trainer, pl_module)
         if out is not None:
             rank_zero_info(f"dallm: LoRA exported to {out} and {out.parent / 'last'}")
+
+
+def gather_rows(trainer: pl.Trainer, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """All-gather per-rank row blocks of unequal sizes `counts` into one (sum(counts), ...) tensor.
+
+    Rows come back rank by rank; ranks with fewer rows are padded for the collective.
+    """
+    if trainer.world_size == 1:
+        return rows
+    pad = max(counts) - rows.shape[0]
+    padded = torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))]) if pad else rows
+    gathered = trainer.strategy.all_gather(padded)  # (W, max(counts), ...)
+    return torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
+
+
+class KIDCallback(pl.Callback):
+    """Kernel Inception Distance of the model's samples to the teacher images while it trains.
+
+    At step 0 (the base model), every `every_n_steps` and at the end, it samples `num_samples` images
+    with fixed seeds for the instance prompt and logs `kid/train` (against the teacher images trained
+    on), `kid/val` (against held-out teacher images), their `_std`, `kid/prior` (class-prompt samples
+    against the base model's class images, i.e. forgetting) and, with CLIP features, `cmmd/*`. Once, at
+    the first round, it also logs two references: `kid/reference` (train vs held-out teacher images: what
+    "no difference" looks like at this sample size) and `kid/val_floor` (held-out teacher images vs their
+    own VAE reconstructions: the best any fine-tuning of this UNet can reach).
+    Teacher features are computed once; a grid of the samples goes to TensorBoard (`samples`) and to
+    `<run dir>/samples/step=NNNNNN.png`. Under DDP every rank samples its share of the seeds.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 250,
+        num_samples: int = 20,
+        feature: str = "inception",
+        weights: str | None = None,
+        subset_size: int = 1000,
+        subsets: int = 100,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        scheduler: str = "dpm++",
+        batch_size: int = 10,
+        seed: int = 0,
+        feature_batch_size: int = 32,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: KID round every this many optimizer steps (plus step 0 and the end); 0 turns
+                KID off.
+            num_samples: images generated per prompt and round (the paper: as many as teacher images).
+            feature: feature space: "inception" (torch-fidelity Inception-v3), "clip:<hub id or dir>" (also
+                logs CMMD), "toy", or "module:<python.path:callable>".
+            weights: local Inception weights file (else $DALLM_INCEPTION_WEIGHTS or torch-fidelity's download).
+            subset_size: KID subset size; capped at the sample sizes (with one subset when it is both).
+            subsets: number of KID subsets.
+            num_inference_steps: sampler steps per image.
+            guidance_scale: classifier-free guidance scale.
+            scheduler: sampler: "dpm++" (DPM-Solver++ multistep), "ddim", or "model" (the base model's own).
+            batch_size: images generated per pipeline call.
+            seed: first sampling seed; image i uses seed + i, the same at every round.
+            feature_batch_size: images per feature-extractor call.
+        """
+        if every_n_steps < 0:
+            raise ValueError(f"--kid.every_n_steps must be >= 0, got {every_n_steps}")
+        if num_samples < 2:
+            raise ValueError(f"--kid.num_samples must be >= 2 (KID needs two samples), got {num_samples}")
+        if scheduler not in ("dpm++", "ddim", "model"):
+            raise ValueError(f"--kid.scheduler must be dpm++, ddim or model, got {scheduler!r}")
+        if batch_size < 1 or feature_batch_size < 1:
+            raise ValueError("--kid.batch_size and --kid.feature_batch_size must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.feature = feature
+        self.weights = weights
+        self.subset_size = subset_size
+        self.subsets = subsets
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.scheduler = scheduler
+        self.batch_size = batch_size
+        self.seed = seed
+        self.feature_batch_size = feature_batch_size
+        self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
+        self._extractor = None
+        self._reference: dict[str, torch.Tensor] = {}
+        self._noted: set[str] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0
+
+    # ---------------------------------------------------------------- state across resume
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def done_steps(self) -> set[int]:
+        return {h["step"] for h in self.history}
+
+    # ---------------------------------------------------------------- hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.enabled or stage != "fit":
+            return
+        from dallm.metrics import build_feature_extractor
+
+        # Build now so a bad --kid.feature or missing weights fails before any training.
+        try:
+            self._extractor = build_feature_extractor(self.feature, weights=self.weights, device="cpu")
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"--kid.feature {self.feature!r}: {err}") from err
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.enabled and trainer.global_step not in self.done_steps():
+            self.run_round(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled:
+            return
+        step = trainer.global_step
+        # The final round runs here too, before ModelCheckpoint's save of the same step, so that
+        # last.ckpt holds it and a resumed run does not repeat it.
+        due = step % self.every_n_steps == 0 or step >= trainer.max_steps > 0
+        if due and step not in self.done_steps():
+            self.run_round(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.enabled and trainer.global_step not in self.done_steps():
+            self.run_round(trainer, pl_module)
+
+    # ---------------------------------------------------------------- the round
+    def features(self, images: torch.Tensor, device) -> torch.Tensor:
+        """(N, 3, H, W) images in [0, 1] -> (N, D) fp32 features, on the CPU."""
+        from dallm.metrics import features_of_images
+
+        self._extractor.to(device)
+        return features_of_images(images, self._extractor, self.feature_batch_size).float().cpu()
+
+    def teacher_features(self, trainer, pl_module) -> dict[str, torch.Tensor]:
+        """Features of the teacher (train, val) and class images, computed once per fit."""
+        if self._reference:
+            return self._reference
+        from dallm.metrics import images_to_tensor
+
+        dm = trainer.datamodule
+        sets = {"train": dm.train_teacher_paths, "val": dm.val_teacher_paths}
+        if dm.with_prior_preservation:
+            sets["prior"] = dm.prior_paths
+        for name, paths in sets.items():
+            if len(paths) >= 2:
+                self._reference[name] = self.features(images_to_tensor(paths), pl_module.device)
+        return self._reference
+
+    def sample_scheduler(self, pl_module):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        config = pl_module.noise_scheduler.config
+        if self.scheduler == "dpm++":
+            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        if self.scheduler == "ddim":
+            return DDIMScheduler.from_config(config)
+        return None
+
+    def samples(self, trainer, pl_module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed-seed samples for `prompt` and their features: ((N, 3, H, W) in [0, 1], (N, D)), on CPU.
+
+        Under DDP each rank generates and embeds its share of the seeds; images and features are then
+        gathered, so every rank holds the same full set in seed order.
+        """
+        world, rank = trainer.world_size, trainer.global_rank
+        res = trainer.datamodule.hparams.resolution
+        seeds = list(range(self.seed, self.seed + self.num_samples))
+        mine = seeds[rank::world]
+        out = []
+        for i in range(0, len(mine), self.batch_size):
+            batch = pl_module.generate(
+                prompt,
+                mine[i : i + self.batch_size],
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                resolution=res,
+                scheduler=self.sample_scheduler(pl_module),
+                output_type="pt",
+            )
+            # uint8, as the images would be saved: the features see what a PNG would hold.
+            out.append((batch.float().clamp(0, 1) * 255).round().to(torch.uint8))
+        images = torch.cat(out) if out else torch.zeros(0, 3, res, res, dtype=torch.uint8)
+        feats = self.features(images.float() / 255, pl_module.device)  # (n_mine, D)
+        counts = [len(seeds[r::world]) for r in range(world)]
+        images = gather_rows(trainer, images.to(pl_module.device), counts).cpu()
+        feats = gather_rows(trainer, feats.to(pl_module.device), counts).cpu()
+        # Back to seed order (rank r holds seeds r, r + W, ...).
+        order = [s for r in range(world) for s in seeds[r::world]]
+        index = torch.tensor([order.index(s) for s in seeds])
+        return images[index].float() / 255, feats[index]
+
+    def reference_metrics(self, pl_module, ref: dict[str, torch.Tensor], trainer) -> dict[str, float]:
+        """KID train-vs-val teacher images, and held-out teachers vs their VAE reconstructions."""
+        from dallm.metrics import images_to_tensor
+
+        out = {}
+        if "train" in ref and "val" in ref:
+            out["kid/reference"] = self.kid(ref["val"], ref["train"]).kid_mean
+        if "val" in ref:
+            real = images_to_tensor(
+                trainer.datamodule.val_teacher_paths, size=trainer.datamodule.hparams.resolution
+            )
+            recon = vae_roundtrip(pl_module, real)
+            out["kid/val_floor"] = self.kid(ref["val"], self.features(recon, pl_module.device)).kid_mean
+        return out
+
+    def kid(self, real: torch.Tensor, fake: torch.Tensor):
+        from dallm.metrics import kid_from_features
+
+        return kid_from_features(
+            real, fake, subset_size=self.subset_size, subsets=self.subsets, seed=self.seed
+        )
+
+    def run_round(self, trainer, pl_module) -> None:
+        import time
+
+        from dallm.metrics import cmmd_from_features
+
+        start = time.perf_counter()
+        step = trainer.global_step
+        ref = self.teacher_features(trainer, pl_module)
+        metrics: dict[str, float] = {}
+        notes = set()
+        images, fake = self.samples(trainer, pl_module, pl_module.hparams.instance_prompt)
+        for name in ("train", "val"):
+            if name in ref:
+                result = self.kid(ref[name], fake)
+                metrics[f"kid/{name}"] = result.kid_mean
+                if result.kid_std is not None:
+                    metrics[f"kid/{name}_std"] = result.kid_std
+                if result.note:
+                    notes.add(f"kid/{name}: {result.note}")
+                if self.feature.startswith("clip:"):
+                    metrics[f"cmmd/{name}"] = cmmd_from_features(ref[name], fake)
+        grid_rows = [images]
+        class_prompt = trainer.datamodule.hparams.class_prompt
+        if "prior" in ref and class_prompt:
+            prior_images, prior_fake = self.samples(trainer, pl_module, class_prompt)
+            metrics["kid/prior"] = self.kid(ref["prior"], prior_fake).kid_mean
+            if self.feature.startswith("clip:"):
+                metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
+            grid_rows.append(prior_images)
+        if not self.history:
+            metrics.update(self.reference_metrics(pl_module, ref, trainer))
+        metrics["kid/round_seconds"] = time.perf_counter() - start
+        self.history.append({"step": step, **metrics})
+
+        out_dir = run_dir(trainer) / "samples"  # a collective under DDP: all ranks ask
+        if trainer.is_global_zero:
+            self.write_grid(trainer, grid_rows, out_dir / f"step={step:06d}.png", step)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics(metrics, step=step)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith("_std"))
+            rank_zero_info(f"dallm: step {step}: {shown}")
+            for note in sorted(notes - self._noted):  # each note once per run, not every round
+                rank_zero_info(f"  note: {note}")
+            self._noted |= notes
+
+    def write_grid(self, trainer, rows: list[torch.Tensor], path: Path, step: int) -> None:
+        from torchvision.utils import make_grid, save_image
+
+        per_row = rows[0].shape[0]
+        grid = make_grid(torch.cat(rows), nrow=per_row, padding=1)  # one row per prompt
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("samples", grid, step)
+
+
+@torch.no_grad()
+def vae_roundtrip(pl_module, images: torch.Tensor) -> torch.Tensor:
+    """Encode and decode (N, 3, H, W) images in [0, 1] with the frozen VAE: what the UNet can at best reach."""
+    vae = pl_module.vae
+    out = []
+    for i in range(0, images.shape[0], 8):
+        x = (images[i : i + 8] * 2 - 1).to(pl_module.device, vae.dtype)
+        latents = vae.encode(x).latent_dist.mode()
+        out.append(((vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)

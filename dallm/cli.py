@@ -11,7 +11,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from dallm.callbacks import LoraExport, run_dir
+from dallm.callbacks import KIDCallback, LoraExport, run_dir
 from dallm.data import DallmDataModule
 from dallm.module import DallmModule
 
@@ -58,6 +58,7 @@ class DallmCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LoraExport, "export")
+        parser.add_lightning_class_args(KIDCallback, "kid")
         parser.set_defaults(
             {
                 "model.optimizer": {
@@ -79,6 +80,14 @@ class DallmCLI(LightningCLI):
             print(f"  TensorBoard: tensorboard --logdir {out.parent}")
             print(f"  checkpoints: {out / 'checkpoints'}   (resume: --ckpt_path last)")
             print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}")
+            kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
+            rounds = [h for h in kid.history if "kid/val" in h] if kid is not None else []
+            if rounds:
+                print(f"  sample grids: {out / 'samples'}")
+                first, last = rounds[0], rounds[-1]
+                print(
+                    f"  kid/val: step {first['step']} {first['kid/val']:.4g} -> step {last['step']} {last['kid/val']:.4g}"
+                )
 
 
 def resolve_last_checkpoint(cfg) -> None:
@@ -117,6 +126,12 @@ def resolve_last_checkpoint(cfg) -> None:
 
 def main(args: ArgsType = None) -> DallmCLI | None:
     """Entry point of `python -m dallm` and the `dallm` script; tests call it in-process."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "kid":
+        # Not a training command: its own small parser (dallm.metrics), no LightningCLI around it.
+        from dallm.metrics import kid_main
+
+        raise SystemExit(kid_main(list(argv[1:])))
     # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:

@@ -164,3 +164,33 @@ def make_tiny_images(
         img.save(path)
         paths.append(path)
     return paths
+
+
+class TinyFeatureNet(torch.nn.Module):
+    """A fixed, randomly initialised conv net: the KID feature space of the tiny world (`configs/tiny.yaml`).
+
+    Random features separate colour and layout well enough to show KID moving on tiny models; they mean
+    nothing beyond that. Features are L2-normalised so KID stays on a readable scale.
+    """
+
+    def __init__(self, seed: int = 0, dim: int = 64) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, dim, 3, stride=2, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", antialias=True)
+        x = torch.relu(self.conv1(x * 2 - 1))  # (N, 16, 16, 16)
+        x = torch.relu(self.conv2(x))  # (N, D, 8, 8)
+        feats = torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)  # (N, 2D)
+        return torch.nn.functional.normalize(feats, dim=1)
+
+
+def feature_net() -> TinyFeatureNet:
+    """Factory for `--kid.feature module:dallm.tiny:feature_net`."""
+    return TinyFeatureNet().eval()

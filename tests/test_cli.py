@@ -46,6 +46,8 @@ def fit(tmp: Path, *extra: str, steps: int = 4, every: int = 4, name: str = "run
             "false",
             "--checkpoint.every_n_train_steps",
             str(every),
+            "--kid.every_n_steps",
+            "0",
             *extra,
         ]
     )
@@ -308,3 +310,6 @@ def test_ddp_two_processes_end_identical(tmp_path):
     # class images generated once, by rank 0
     assert len((tmp_path / "prior" / "manifest.jsonl").read_text().splitlines()) == 4
     assert len(list((tmp_path / "logs").rglob("lora/last/pytorch_lora_weights.safetensors"))) == 1
+    # KID rounds (step 0 and the end) ran with each rank sampling its share of the seeds.
+    assert len(list((tmp_path / "logs").rglob("samples/step=000003.png"))) == 1
+    assert "dallm: step 3: kid/train" in result.stderr + result.stdout

@@ -1,0 +1,528 @@
+"""Distances between image sets: KID (through torchmetrics) and CMMD, on pluggable image features.
+
+    images in [0, 1] (N, 3, H, W) ──FeatureExtractor──► features (N, D) ──► kid_from_features / cmmd_from_features
+
+Feature extractors (`build_feature_extractor(spec)`, the `--feature` flag of `dallm kid`):
+
+    inception              torch-fidelity's Inception-v3 2048-d pool features (the KID of the literature)
+    clip:<hub id | dir>    CLIP image embeddings (`image_embeds` of CLIPVisionModelWithProjection)
+    toy                    the toy world's feature net (shipped with the toy world, dallm/toy)
+    module:<pkg.mod:fn>    fn() -> nn.Module mapping [0, 1] images (N, 3, H, W) to (N, D)
+
+KID is computed by torchmetrics' `KernelInceptionDistance` with an identity "feature network", so the
+estimator (unbiased MMD² with the cubic polynomial kernel, averaged over random subsets) is the
+library's, while the features come from whichever extractor the user picked. The subset size is capped
+at the smaller sample, so KID on 5-50 images neither crashes nor reports a meaningless std of 0.
+
+`python -m dallm kid REAL_DIR FAKE_DIR` (`kid_main`) prints one JSON object with the result.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from dallm.data import list_images, load_rgb
+
+FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
+
+# torch-fidelity's Inception-v3 (TF 2015-12-05 weights converted to PyTorch), as in its own URL_INCEPTION_V3.
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+INCEPTION_ENV = "DALLM_INCEPTION_WEIGHTS"
+
+# OpenAI CLIP's normalisation, used when a model directory has no preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------- KID
+
+
+@dataclass
+class KIDResult:
+    """KID between two feature sets, with what it was computed from.
+
+    `kid_std` is None when it is undefined (every subset is the whole set, or a single subset); `note`
+    says why, and mentions a subset size capped at the smaller sample.
+    """
+
+    kid_mean: float
+    kid_std: float | None
+    n_real: int
+    n_fake: int
+    subset_size: int
+    subsets: int
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def kid_from_features(
+    real: Tensor, fake: Tensor, subset_size: int = 1000, subsets: int = 100, seed: int = 0
+) -> KIDResult:
+    """KID (unbiased MMD², kernel (x·y/D + 1)³) between `real` (N, D) and `fake` (M, D) features.
+
+    Computed by torchmetrics' `KernelInceptionDistance` fed the features through an identity module.
+    `subset_size` is capped at min(N, M). When that equals both N and M every subset is the whole set:
+    one subset is computed and `kid_std` is None. The subsets are drawn from a torch generator seeded with
+    `seed` inside `torch.random.fork_rng`, so the result is reproducible and the caller's RNG state is
+    left untouched.
+
+    Raises:
+        ValueError: for a side with fewer than 2 samples, mismatched feature sizes, `subset_size` < 2 or
+            `subsets` < 1 (the messages name the `dallm kid` flags).
+    """
+    for name, f in (("real", real), ("fake", fake)):
+        if f.dim() != 2:
+            raise ValueError(f"{name} features must be (N, D), got shape {tuple(f.shape)}")
+        if f.shape[0] < 2:
+            raise ValueError(f"KID needs at least 2 {name} images, got {f.shape[0]}")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake features differ in size: {real.shape[1]} vs {fake.shape[1]}")
+    if subset_size < 2:
+        raise ValueError(
+            f"--subset_size must be >= 2 (the unbiased MMD divides by m(m-1)), got {subset_size}"
+        )
+    if subsets < 1:
+        raise ValueError(f"--subsets must be >= 1, got {subsets}")
+    n_real, n_fake = real.shape[0], fake.shape[0]
+    size = min(subset_size, n_real, n_fake)
+    notes = []
+    if size < subset_size:
+        notes.append(f"subset_size capped from {subset_size} to {size} (the smaller sample)")
+    whole = size == n_real == n_fake
+    if whole:
+        subsets = 1  # every subset would be the same set: more of them only repeat one number
+        notes.append("subset_size equals both sample sizes: every subset is the whole set, std undefined")
+    elif subsets == 1:
+        notes.append("a single subset: std undefined")
+
+    with warnings.catch_warnings():
+        # torchmetrics warns at construction that it keeps every feature: that is exactly what we feed it.
+        warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save")
+        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=size)
+    # float64 on the CPU: the unbiased estimate is a small difference of large cubic-kernel sums.
+    metric.update(real.detach().to("cpu", torch.float64), real=True)
+    metric.update(fake.detach().to("cpu", torch.float64), real=False)
+    # torchmetrics draws subsets with the global torch.randperm: seed a forked CPU RNG, not the caller's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return KIDResult(
+        kid_mean=float(mean),
+        kid_std=None if subsets == 1 else float(std),
+        n_real=n_real,
+        n_fake=n_fake,
+        subset_size=size,
+        subsets=subsets,
+        note="; ".join(notes) or None,
+    )
+
+
+def cmmd_from_features(real: Tensor, fake: Tensor, sigma: float = 10.0, scale: float = 1000.0) -> float:
+    """CMMD: RBF-kernel MMD² between L2-normalised CLIP embeddings (N, D) and (M, D).
+
+    Jayasumana et al. 2024, "Rethinking FID: Towards a Better Evaluation Metric for Image Generation"
+    (CVPR). As in the paper's reference implementation (google-research `cmmd/distance.py`): rows are
+    L2-normalised, k(x, y) = exp(-γ‖x - y‖²) with γ = 1 / (2σ²), σ = 10, and the biased estimate
+
+        CMMD = scale · (mean K_xx + mean K_yy - 2 · mean K_xy),   scale = 1000,
+
+    where the means run over the full kernel matrices, diagonals included (so CMMD(X, X) = 0 exactly).
+    """
+    x = F.normalize(real.detach().to("cpu", torch.float64), dim=1)
+    y = F.normalize(fake.detach().to("cpu", torch.float64), dim=1)
+    gamma = 1.0 / (2.0 * sigma**2)
+
+    def mean_kernel(a: Tensor, b: Tensor) -> Tensor:
+        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T  # (len(a), len(b))
+        return torch.exp(-gamma * d2).mean()
+
+    return float(scale * (mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y)))
+
+
+# ------------------------------------------------------------------------------ feature extractors
+
+
+class FeatureExtractor(nn.Module):
+    """Maps float images in [0, 1], (N, 3, H, W) with any H, W, to (N, D) float32 features.
+
+    Subclasses implement `extract`; `forward` runs it without gradients. `name` identifies the features
+    in logs and in `dallm kid`'s output.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter or buffer (the CPU for a parameter-free extractor)."""
+        t = next(iter(list(self.parameters()) + list(self.buffers())), None)
+        return t.device if t is not None else torch.device("cpu")
+
+    def extract(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.name}: expected images (N, 3, H, W), got shape {tuple(images.shape)}")
+        return self.extract(images.to(self.device, torch.float32)).float()
+
+
+class InceptionFeatures(FeatureExtractor):
+    """torch-fidelity's Inception-v3 (`inception-v3-compat`), 2048-d pool features."""
+
+    def __init__(self, weights_path: str) -> None:
+        super().__init__("inception")
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+        )
+
+    def extract(self, images: Tensor) -> Tensor:
+        # The TF graph this mirrors takes 8-bit images and resizes them to 299x299 itself.
+        uint8 = (images * 255.0).round().clamp(0, 255).to(torch.uint8)
+        return self.net(uint8)[0]  # (N, 2048)
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def resolve_inception_weights(weights: str | None = None) -> str:
+    """Path of the Inception-v3 weights: `weights`, else $DALLM_INCEPTION_WEIGHTS, else torch's hub cache.
+
+    A missing cache file is downloaded when online (30 s socket timeout), never when HF_HUB_OFFLINE or
+    TRANSFORMERS_OFFLINE is set, so an offline machine fails at once with a message naming the file.
+    """
+    for source, value in (("--weights", weights), (INCEPTION_ENV, os.environ.get(INCEPTION_ENV))):
+        if value:
+            if not Path(value).is_file():
+                raise FileNotFoundError(f"{source}: Inception weights file {value} does not exist")
+            return value
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if cached.is_file():
+        return str(cached)
+    need = (
+        f"--feature inception needs the Inception-v3 weights file {INCEPTION_FILE} ({INCEPTION_URL}): "
+        f"download it and pass --weights PATH or set {INCEPTION_ENV}=PATH (or put it at {cached})"
+    )
+    if _offline():
+        raise FileNotFoundError(f"{need}; offline (HF_HUB_OFFLINE), so it is not downloaded")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # torch.hub's urlopen has no timeout of its own: a dead network would hang
+    try:
+        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=False)
+    except Exception as err:  # URLError, timeouts, HTTP errors: all mean "get the file yourself"
+        raise FileNotFoundError(f"{need}; the download failed: {err}") from err
+    finally:
+        socket.setdefaulttimeout(previous)
+    return str(cached)
+
+
+def _clip_preprocessor_stats(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) from the model's preprocessor_config.json (a local dir or the hub cache), else CLIP's."""
+    path: Path | None = Path(source) / "preprocessor_config.json"
+    if not Path(source).is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, "preprocessor_config.json"))
+        except Exception:  # no such file, or offline without it in the cache: standard CLIP stats
+            path = None
+    if path is None or not path.is_file():
+        return CLIP_MEAN, CLIP_STD
+    cfg = json.loads(path.read_text())
+    return tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
+
+
+class ClipFeatures(FeatureExtractor):
+    """`image_embeds` of a transformers CLIPVisionModelWithProjection, with CLIP's preprocessing in torch."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(f"clip:{source}")
+        from transformers import CLIPVisionModelWithProjection
+
+        try:
+            self.model = CLIPVisionModelWithProjection.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--feature clip:{source}: cannot load a CLIP vision model: {err}") from err
+        self.model.eval()
+        self.image_size = int(self.model.config.image_size)
+        mean, std = _clip_preprocessor_stats(source)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Shortest side -> image_size (bicubic, antialiased), centre crop, normalise: (N, 3, S, S)."""
+        s = self.image_size
+        h, w = images.shape[-2:]
+        scale = s / min(h, w)
+        size = (max(s, round(h * scale)), max(s, round(w * scale)))
+        if size != (h, w):
+            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+            images = images.clamp(0.0, 1.0)  # bicubic overshoots; the PIL path CLIP was trained with clips
+        top, left = (size[0] - s) // 2, (size[1] - s) // 2
+        images = images[..., top : top + s, left : left + s]
+        return (images - self.mean) / self.std
+
+    def extract(self, images: Tensor) -> Tensor:
+        return self.model(pixel_values=self.preprocess(images)).image_embeds  # (N, projection_dim)
+
+
+class ModuleFeatures(FeatureExtractor):
+    """A user's nn.Module mapping [0, 1] images to (N, D); its output shape is checked on every call."""
+
+    def __init__(self, net: nn.Module, name: str) -> None:
+        super().__init__(name)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"--feature {name}: expected an nn.Module, got {type(net).__name__}")
+        self.net = net.eval()
+
+    def extract(self, images: Tensor) -> Tensor:
+        out = self.net(images)
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"--feature {self.name}: the module must map images (N, 3, H, W) to features (N, D); "
+                f"for N={images.shape[0]} it returned {got}"
+            )
+        return out
+
+
+def _load_toy_feature_net() -> nn.Module:
+    """The toy world's feature net, from `dallm.toy.features.load_feature_net()` once the toy world exists."""
+    try:
+        from dallm.toy.features import load_feature_net
+    except ModuleNotFoundError as err:
+        if err.name and (err.name == "dallm.toy" or err.name.startswith("dallm.toy.")):
+            raise ValueError(
+                "--feature toy: the toy feature net is not installed yet (it comes with the toy world, "
+                "dallm/toy/feature_net)"
+            ) from err
+        raise
+    return load_feature_net()
+
+
+def _import_callable(target: str) -> Any:
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--feature module:{target}: expected module:<package.module:callable>")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--feature module:{target}: cannot import {module_name}: {err}") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--feature module:{target}: {module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--feature module:{target}: {attr} is not callable")
+    return obj
+
+
+def build_feature_extractor(spec: str, weights: str | None = None, device: str = "cpu") -> FeatureExtractor:
+    """The feature extractor named by `spec` (see the module docstring), in eval mode on `device`.
+
+    `weights` is the Inception weights file (`--weights`); other specs must not be given one.
+    """
+    if weights is not None and spec != "inception":
+        raise ValueError(f"--weights is only for --feature inception, not {spec}")
+    if spec == "inception":
+        extractor: FeatureExtractor = InceptionFeatures(resolve_inception_weights(weights))
+    elif spec.startswith("clip:") and spec[5:]:
+        extractor = ClipFeatures(spec[5:])
+    elif spec == "toy":
+        extractor = ModuleFeatures(_load_toy_feature_net(), "toy")
+    elif spec.startswith("module:") and spec[7:]:
+        extractor = ModuleFeatures(_import_callable(spec[7:])(), spec)
+    else:
+        raise ValueError(f"--feature: unknown feature {spec!r}; valid forms: {FEATURE_FORMS}")
+    return extractor.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _stack(images: Sequence[Image.Image], size: int | tuple[int, int] | None) -> Tensor:
+    """RGB PIL images -> (N, 3, H, W) float in [0, 1]; resized (bicubic) to `size` or the first's size."""
+    if isinstance(size, int):
+        size = (size, size)
+    h, w = size if size is not None else (images[0].height, images[0].width)
+    arrays = []
+    for im in images:
+        im = im.convert("RGB")
+        if (im.height, im.width) != (h, w):
+            im = im.resize((w, h), Image.Resampling.BICUBIC)
+        arrays.append(torch.from_numpy(np.array(im, dtype=np.uint8)))  # (H, W, 3)
+    return torch.stack(arrays).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
+
+
+def images_to_tensor(paths: Sequence[str | Path], size: int | tuple[int, int] | None = None) -> Tensor:
+    """Decode image files into (N, 3, H, W) floats in [0, 1].
+
+    Images of different sizes are resized to `size` ((H, W) or a square side) or else to the first
+    image's size, so they stack; the extractors resize to their own input size anyway.
+
+    Raises:
+        ValueError: naming a corrupt or unreadable file.
+    """
+    if not paths:
+        raise ValueError("images_to_tensor: no image paths given")
+    return _stack([load_rgb(p) for p in paths], size)
+
+
+def features_of_images(
+    images: Sequence[Image.Image] | Tensor, extractor: FeatureExtractor, batch_size: int = 32
+) -> Tensor:
+    """Features (N, D) float32 on the CPU of PIL images or an (N, 3, H, W) tensor in [0, 1], in batches."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    extractor.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        batch = chunk if isinstance(chunk, Tensor) else _stack(list(chunk), None)
+        out.append(extractor(batch).cpu())
+    if not out:
+        raise ValueError("features_of_images: no images given")
+    return torch.cat(out)
+
+
+def features_of_dir(
+    directory: str | Path, extractor: FeatureExtractor, batch_size: int = 32, flag: str = "directory"
+) -> Tensor:
+    """Features (N, D) of the images directly inside `directory`, decoded one batch at a time.
+
+    `flag` names the directory's CLI flag or argument in errors (missing, empty, corrupt file).
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    paths = list_images(directory, flag)
+    return torch.cat(
+        [
+            features_of_images(images_to_tensor(paths[i : i + batch_size]), extractor, batch_size)
+            for i in range(0, len(paths), batch_size)
+        ]
+    )
+
+
+def check_kid_dirs(real_dir: str | Path, fake_dir: str | Path) -> None:
+    """Raise, naming REAL_DIR / FAKE_DIR, unless both directories hold at least 2 images."""
+    for flag, d in (("REAL_DIR", real_dir), ("FAKE_DIR", fake_dir)):
+        n = len(list_images(d, flag))
+        if n < 2:
+            raise ValueError(f"{flag}: KID needs at least 2 images, {d} has {n}")
+
+
+def kid_of_dirs(
+    real_dir: str | Path,
+    fake_dir: str | Path,
+    extractor: FeatureExtractor,
+    subset_size: int = 1000,
+    subsets: int = 100,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> KIDResult:
+    """KID between the images of two directories (the work of `dallm kid`)."""
+    check_kid_dirs(real_dir, fake_dir)  # a missing or too-small directory fails before any decoding
+    real = features_of_dir(real_dir, extractor, batch_size, "REAL_DIR")
+    fake = features_of_dir(fake_dir, extractor, batch_size, "FAKE_DIR")
+    return kid_from_features(real, fake, subset_size=subset_size, subsets=subsets, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _kid_parser():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="dallm kid",
+        description="KID between two image folders; prints one JSON object on stdout.",
+    )
+    parser.add_argument("real_dir", type=str, help="Directory of reference (teacher) images.")
+    parser.add_argument("fake_dir", type=str, help="Directory of generated images.")
+    parser.add_argument(
+        "--feature", type=str, default="inception", help=f"Feature extractor: {FEATURE_FORMS}."
+    )
+    parser.add_argument(
+        "--weights",
+        type=str | None,
+        default=None,
+        help=f"Inception weights file {INCEPTION_FILE} (default: ${INCEPTION_ENV}, then torch's hub cache).",
+    )
+    parser.add_argument(
+        "--subset_size", type=int, default=1000, help="Images per KID subset; capped at the smaller set."
+    )
+    parser.add_argument("--subsets", type=int, default=100, help="Number of random subsets (mean and std).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the subset draws.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per feature-extractor batch.")
+    parser.add_argument(
+        "--device", type=str, default="cpu", help="Device of the feature extractor: cpu, cuda, ..."
+    )
+    return parser
+
+
+def kid_main(argv: list[str]) -> int:
+    """`dallm kid REAL_DIR FAKE_DIR [...]`: one JSON object on stdout, progress on stderr; returns 0.
+
+    Bad input (missing or empty directory, corrupt image, unknown feature, too few images, missing
+    weights) prints one line `dallm kid: error: ...` on stderr and returns 2.
+    """
+    cfg = _kid_parser().parse_args(argv)  # usage errors: jsonargparse prints them and exits 2
+    try:
+        for flag in ("subsets", "batch_size"):
+            if cfg[flag] < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {cfg[flag]}")
+        if cfg.subset_size < 2:
+            raise ValueError(f"--subset_size must be >= 2, got {cfg.subset_size}")
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError as err:
+            raise ValueError(f"--device: {err}") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available")
+        check_kid_dirs(cfg.real_dir, cfg.fake_dir)  # before loading a model: bad paths fail in a second
+        print(f"dallm kid: loading feature extractor {cfg.feature}", file=sys.stderr, flush=True)
+        extractor = build_feature_extractor(cfg.feature, cfg.weights, str(device))
+        print(f"dallm kid: features of {cfg.real_dir} and {cfg.fake_dir}", file=sys.stderr, flush=True)
+        result = kid_of_dirs(
+            cfg.real_dir, cfg.fake_dir, extractor, cfg.subset_size, cfg.subsets, cfg.seed, cfg.batch_size
+        )
+    except (ValueError, OSError) as err:  # OSError covers FileNotFoundError / NotADirectoryError
+        if os.environ.get("DALLM_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the library's message looked like
+        print(f"dallm kid: error: {message}", file=sys.stderr)
+        return 2
+    out = result.to_dict()
+    note = out.pop("note")
+    print(json.dumps({**out, "feature": extractor.name, "note": note}))
+    return 0
