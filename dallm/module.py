@@ -103,8 +103,11 @@ class DallmModule(pl.LightningModule):
         """Load the frozen base once, add placeholder tokens and LoRA (idempotent)."""
         if self.unet is not None:
             return
+        self.attach_base(**self.load_base())
+
+    def load_base(self) -> dict:
+        """Tokenizer, noise scheduler, text encoder, VAE and UNet of the base model, in the frozen dtype."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from diffusers.training_utils import cast_training_params
         from transformers import CLIPTextModel, CLIPTokenizer
 
         hp = self.hparams
@@ -113,11 +116,13 @@ class DallmModule(pl.LightningModule):
         kw = {"revision": hp.revision}
         weights = {"variant": hp.variant, "torch_dtype": dtype, **kw}
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
-            self.noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights)
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **weights)
-            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights)
+            return {
+                "tokenizer": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
+                "noise_scheduler": DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw),
+                "text_encoder": CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights),
+                "vae": AutoencoderKL.from_pretrained(src, subfolder="vae", **weights),
+                "unet": UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights),
+            }
         except (OSError, ValueError) as err:
             where = (
                 "local directory"
@@ -129,6 +134,15 @@ class DallmModule(pl.LightningModule):
                 f"{str(err).splitlines()[0]}"
             ) from err
 
+    def attach_base(self, tokenizer, noise_scheduler, text_encoder, vae, unet) -> None:
+        """Freeze the base parts, add placeholder tokens and LoRA, and make them this module's.
+
+        Separate from loading so that benchmarks can attach a full-size architecture with random weights.
+        """
+        from diffusers.training_utils import cast_training_params
+
+        hp = self.hparams
+        self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
         for part in (text_encoder, vae, unet):
             part.requires_grad_(False)
             part.eval()
@@ -155,7 +169,7 @@ class DallmModule(pl.LightningModule):
         self.param_counts = {"trainable": trainable, "total": total}
         rank_zero_info(
             f"dallm: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%); "
-            f"frozen base stored as {dtype}"
+            f"frozen base stored as {unet.dtype}"
         )
 
     @property
