@@ -132,6 +132,10 @@ def main(args: ArgsType = None) -> DallmCLI | None:
         from dallm.metrics import kid_main
 
         raise SystemExit(kid_main(list(argv[1:])))
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "teacher":
+        from dallm.teacher import teacher_main
+
+        raise SystemExit(teacher_main(list(argv[1:])))
     # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:

@@ -30,7 +30,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dallm.teacher import IMAGE_EXTENSIONS, generate_with_pipeline, manifest_path, read_manifest
+from dallm.manifest import IMAGE_EXTENSIONS, manifest_path, read_manifest
+from dallm.teacher import consecutive_runs, dtype_kwarg, generate_with_pipeline, model_id
 
 _MASK64 = (1 << 64) - 1
 
@@ -339,20 +340,6 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- DataModule
 
 
-def _model_id(name: str) -> str:
-    # A local model directory is recorded resolved, so "./sd" and "/abs/sd" count as the same model.
-    return str(Path(name).resolve()) if name and os.path.isdir(name) else name
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    # Newer diffusers deprecate `torch_dtype` in favour of `dtype`; older ones only know `torch_dtype`.
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
-
-
 class DallmDataModule(pl.LightningDataModule):
     """Teacher images (+ prior-preservation class images made by the base model) for LoRA alignment."""
 
@@ -537,7 +524,7 @@ class DallmDataModule(pl.LightningDataModule):
             variant=hp.variant,
             safety_checker=None,
             requires_safety_checker=False,
-            **_dtype_kwarg(torch.float16 if cuda else torch.float32),
+            **dtype_kwarg(torch.float16 if cuda else torch.float32),
         )
         return pipe.to("cuda" if cuda else "cpu")
 
@@ -548,7 +535,7 @@ class DallmDataModule(pl.LightningDataModule):
         hp = self.hparams
         prior_dir = Path(hp.prior_dir)
         self._check_prior_dir_writable(prior_dir)
-        model = _model_id(hp.pretrained_model_name_or_path)
+        model = model_id(hp.pretrained_model_name_or_path)
         records = read_manifest(prior_dir)
         for r in records:
             other_model = model and r.get("model") != model
@@ -590,13 +577,7 @@ class DallmDataModule(pl.LightningDataModule):
         pipe = self._load_pipeline()
         try:
             # Consecutive runs of missing indices, each generated with seeds = indices (reproducible).
-            runs: list[list[int]] = []
-            for i in missing:
-                if runs and runs[-1][-1] == i - 1:
-                    runs[-1].append(i)
-                else:
-                    runs.append([i])
-            for run in runs:
+            for run in consecutive_runs(missing):
                 generate_with_pipeline(
                     pipe,
                     hp.class_prompt,

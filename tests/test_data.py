@@ -1,4 +1,4 @@
-"""Tests of dallm.data and dallm.teacher: decoding, transforms, the step stream, the DataModule, priors."""
+"""Tests of dallm.data, dallm.manifest and generate_with_pipeline: decoding, transforms, the step stream, the DataModule, priors."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from dallm.data import (
     load_rgb,
     preprocess,
 )
-from dallm.teacher import append_manifest, generate_with_pipeline, read_manifest, save_png_atomic
+from dallm.manifest import append_manifest, read_manifest, save_png_atomic
+from dallm.teacher import generate_with_pipeline
 from dallm.tiny import make_tiny_images
 
 CLASS_PROMPT = "a painting of a cat"

@@ -1,0 +1,209 @@
+"""A teacher directory against what a run wants: slots, what is present, consistency, the plan.
+
+Layout: `--n` images, of which `--val_count` are held out, as `OUT/000000.png ...` and
+`OUT/val/000000.png ...`, each directory with its own `manifest.jsonl` (`dallm.manifest`). The
+DataModule trains on `OUT` and validates on `OUT/val`. A slot (directory, index) is *present* when its
+file exists and the manifest's last record for it has the file's sha256; a re-run makes only the
+others, so a killed run costs at most the requests that were in flight. No network, no model here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dallm.manifest import IMAGE_EXTENSIONS, manifest_path, read_manifest, sha256_file, slot_name
+
+VAL_DIR = "val"
+# Held-out image j is made with seed `--seed + VAL_SEED_OFFSET + j`, so that no training image and no
+# held-out image share a seed whatever --n and --val_count were on earlier runs.
+VAL_SEED_OFFSET = 1_000_000
+_SLOT_NAME = re.compile(r"\d{6}\.png")
+
+
+# ---------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One wanted image: `directory/{index:06d}.png`, a training image or a held-out one in val/."""
+
+    directory: Path
+    index: int
+    val: bool = False
+
+    @property
+    def path(self) -> Path:
+        return self.directory / slot_name(self.index)
+
+    @property
+    def label(self) -> str:
+        """`000003.png` or `val/000003.png`, for messages."""
+        return f"{VAL_DIR}/{self.path.name}" if self.val else self.path.name
+
+    def seed(self, base: int) -> int:
+        """The diffusers seed of this image for `--seed base`."""
+        return base + (VAL_SEED_OFFSET if self.val else 0) + self.index
+
+
+def split_counts(n: int, val_count: int | None, val_fraction: float | None) -> tuple[int, int]:
+    """(training images, held-out images) for --n with --val_count or --val_fraction."""
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if val_count is not None and val_fraction is not None:
+        raise ValueError("--val_count and --val_fraction both set the held-out images; set only one")
+    if val_fraction is not None:
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+        val_count = math.floor(n * val_fraction + 0.5)  # half up: 10 x 0.25 holds out 3, not round()'s 2
+    val_count = val_count or 0
+    if val_count < 0:
+        raise ValueError(f"--val_count must be >= 0, got {val_count}")
+    if val_count >= n:
+        raise ValueError(f"--val_count {val_count} leaves no training images of --n {n}")
+    return n - val_count, val_count
+
+
+def wanted_slots(out: Path, n_train: int, n_val: int) -> list[Slot]:
+    """Training slots `out/000000.png ...` first, then held-out slots `out/val/000000.png ...`."""
+    return [Slot(out, i) for i in range(n_train)] + [Slot(out / VAL_DIR, j, True) for j in range(n_val)]
+
+
+def _flag(key: str) -> str:
+    return {"guidance_scale": "--guidance_scale", "negative_prompt": "--negative_prompt"}.get(key, f"--{key}")
+
+
+def check_settings(directory: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Refuse to add images made with other settings (prompt, model, size, ...) to `directory`.
+
+    A record without one of the keys does not constrain it: older records may lack a field.
+    """
+    for no, record in enumerate(records, start=1):
+        for key, want in settings.items():
+            if key in record and record[key] != want:
+                raise ValueError(
+                    f"--out: {directory} holds images made with {key} {record[key]!r} (record {no} of "
+                    f"{manifest_path(directory)}), but this run asks for {_flag(key)} {want!r}: use another "
+                    "--out, or the same settings to add to it (mixed images would go unnoticed in training)"
+                )
+
+
+@dataclass
+class DirState:
+    """What a teacher directory already holds, against the wanted slots."""
+
+    present: list[Slot] = field(default_factory=list)
+    missing: list[Slot] = field(default_factory=list)
+    unrecorded: list[Slot] = field(default_factory=list)  # files without a record: a kill's leftovers
+    extra: list[str] = field(default_factory=list)  # images beyond the wanted ones (kept)
+    records: dict[Path, dict[str, dict[str, Any]]] = field(default_factory=dict)  # dir -> file -> record
+
+
+def scan(out: Path, slots: list[Slot], settings: dict[str, Any]) -> DirState:
+    """Read the manifests of `out` and `out/val`, check them against `settings` and the files on disk.
+
+    Raises:
+        ValueError: for other settings, a file that no longer matches its sha256 (edited, or half of an
+            interrupted re-make: delete it to have it made again), or images dallm did not write.
+    """
+    state = DirState()
+    wanted = {(s.directory, s.path.name) for s in slots}
+    for directory in (out, out / VAL_DIR):
+        if not directory.is_dir():
+            continue
+        records = read_manifest(directory)
+        check_settings(directory, records, settings)
+        by_file = {str(r["file"]): r for r in records if r.get("file")}  # the last record describes it
+        state.records[directory] = by_file
+        images = [
+            p
+            for p in sorted(directory.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        foreign = [p.name for p in images if p.name not in by_file and not _SLOT_NAME.fullmatch(p.name)]
+        if foreign:
+            raise ValueError(
+                f"--out: {directory} holds images that dallm teacher did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): use an empty --out"
+            )
+        for p in images:
+            record = by_file.get(p.name)
+            if record is not None and record.get("sha256") != sha256_file(p):
+                raise ValueError(
+                    f"--out: {p} does not match its sha256 in {manifest_path(directory)} (edited after it was "
+                    "written, or left by an interrupted re-make): delete the file to have it made again"
+                )
+            if (directory, p.name) not in wanted:
+                state.extra.append(str(p.relative_to(out)))
+    for slot in slots:
+        if slot.path.name in state.records.get(slot.directory, {}) and slot.path.is_file():
+            state.present.append(slot)
+        else:
+            state.missing.append(slot)
+            if slot.path.is_file():
+                state.unrecorded.append(slot)
+    return state
+
+
+def check_seeds(state: DirState, to_make: list[Slot], base: int) -> None:
+    """Refuse a --seed whose seeds were already used by other images of the directory (duplicates)."""
+    used = {
+        r["seed"]: (d, name)
+        for d, by_file in state.records.items()
+        for name, r in by_file.items()
+        if "seed" in r
+    }
+    for slot in to_make:
+        owner = used.get(slot.seed(base))
+        if owner is not None and owner != (slot.directory, slot.path.name):
+            raise ValueError(
+                f"--seed {base}: {slot.label} would get seed {slot.seed(base)}, which {owner[0] / owner[1]} "
+                "already has (it would be the same image): use the --seed of the earlier runs"
+            )
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    """What a run will do, printed before the first request."""
+
+    what: str  # "openai dall-e-2 512x512"
+    out: Path
+    n_train: int
+    n_val: int
+    state: DirState
+    verb: str = "to make"
+    requests: int | None = None
+    usd_per_image: float = 0.0
+    price_note: str = ""
+
+    @property
+    def cost(self) -> float:
+        return len(self.state.missing) * self.usd_per_image
+
+    def lines(self) -> list[str]:
+        held = f" + {self.n_val} held out in {self.out / VAL_DIR}" if self.n_val else ""
+        out = [
+            f"dallm teacher: plan for {self.out} ({self.what})",
+            f"  images wanted   {self.n_train + self.n_val} ({self.n_train} in {self.out}{held})",
+            f"  present         {len(self.state.present)}",
+        ]
+        todo = f"  {self.verb:<15} {len(self.state.missing)}"
+        if self.requests is not None and self.state.missing:
+            todo += f" in {self.requests} request{'s' * (self.requests != 1)}"
+        out.append(todo)
+        if self.state.unrecorded:
+            out.append(
+                f"  replacing       {len(self.state.unrecorded)} file(s) without a manifest record "
+                f"(left by an interrupted run): {', '.join(s.label for s in self.state.unrecorded[:5])}"
+            )
+        if self.state.extra:
+            out.append(f"  kept            {len(self.state.extra)} image(s) beyond the wanted ones")
+        if self.usd_per_image:
+            out.append(f"  estimated cost  ${self.cost:.2f} ({self.price_note})")
+        return out
