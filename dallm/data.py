@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dallm.manifest import IMAGE_EXTENSIONS, manifest_path, read_manifest
+from dallm.manifest import IMAGE_EXTENSIONS, manifest_path, read_manifest, sha256_file
 from dallm.teacher import consecutive_runs, dtype_kwarg, generate_with_pipeline, model_id
 
 _MASK64 = (1 << 64) - 1
@@ -114,24 +114,34 @@ def resize_shortest_side(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BILINEAR)
 
 
-def preprocess(
-    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, seed: int
-) -> torch.Tensor:
-    """Resize, crop and maybe flip `image` into a (3, resolution, resolution) tensor in [-1, 1].
+def augmentation(size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool, seed: int):
+    """(left, top, flip) of the crop and flip applied to an image of `size` already resized to `resolution`.
 
-    The random crop offset and the flip come from `torch.Generator().manual_seed(seed)` only, so the
-    result is a pure function of (image, arguments): same seed, same tensor, in any worker.
+    Drawn from `torch.Generator().manual_seed(seed)` only: a pure function of its arguments.
     """
-    image = resize_shortest_side(image, resolution)
     g = torch.Generator().manual_seed(seed)
-    w, h = image.size
+    w, h = size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
+    flip = random_flip and float(torch.rand((), generator=g)) < 0.5
+    return left, top, flip
+
+
+def preprocess(
+    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, seed: int
+) -> torch.Tensor:
+    """Resize, crop and maybe flip `image` into a (3, resolution, resolution) tensor in [-1, 1].
+
+    The random crop offset and the flip come from `augmentation` (seeded), so the result is a pure
+    function of (image, arguments): same seed, same tensor, in any worker.
+    """
+    image = resize_shortest_side(image, resolution)
+    left, top, flip = augmentation(image.size, resolution, center_crop, random_flip, seed)
     image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and float(torch.rand((), generator=g)) < 0.5:
+    if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
@@ -280,6 +290,7 @@ class TeacherPriorDataset(Dataset):
         self.prior_items = [(Path(p), s) for p, s in prior_items or []]
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self._images: dict[Path, Image.Image] = {}
+        self._content_ids: dict[Path, str] = {}
 
     def image(self, path: Path) -> Image.Image:
         """The decoded, resized image at `path` (cached)."""
@@ -295,11 +306,21 @@ class TeacherPriorDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_items), len(self.prior_items))
 
-    def _example(self, item: tuple[Path, str], aug_seed: int) -> tuple[torch.Tensor, str]:
+    def _example(self, item: tuple[Path, str], aug_seed: int) -> tuple[torch.Tensor, str, str]:
+        """(pixels, prompt, variant key): the key names exactly these pixels, for the latent cache."""
         path, prompt = item
-        return preprocess(
-            self.image(path), self.resolution, self.center_crop, self.random_flip, aug_seed
-        ), prompt
+        image = self.image(path)
+        left, top, flip = augmentation(
+            image.size, self.resolution, self.center_crop, self.random_flip, aug_seed
+        )
+        key = f"{self.content_id(path)}:{self.resolution}:{left},{top}:{int(flip)}"
+        return preprocess(image, self.resolution, self.center_crop, self.random_flip, aug_seed), prompt, key
+
+    def content_id(self, path: Path) -> str:
+        """sha256 of the file's bytes (cached): the cache key follows the content, not the name."""
+        if path not in self._content_ids:
+            self._content_ids[path] = sha256_file(path)
+        return self._content_ids[path]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(key, tuple):
@@ -308,11 +329,11 @@ class TeacherPriorDataset(Dataset):
         else:
             i = aug_seed = int(key)
             out = {"seed": i}
-        out["pixel_values"], out["prompt"] = self._example(
+        out["pixel_values"], out["prompt"], out["key"] = self._example(
             self.instance_items[i % len(self.instance_items)], aug_seed
         )
         if self.prior_items:
-            out["prior_pixel_values"], out["prior_prompt"] = self._example(
+            out["prior_pixel_values"], out["prior_prompt"], out["prior_key"] = self._example(
                 self.prior_items[i % len(self.prior_items)], aug_seed
             )
         return out
@@ -327,9 +348,11 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("collate: either every example has a prior part or none has")
     pixels += [e["prior_pixel_values"] for e in priors]
     prompts += [e["prior_prompt"] for e in priors]
+    keys = [e["key"] for e in examples] + [e["prior_key"] for e in priors]
     batch: dict[str, Any] = {
         "pixel_values": torch.stack(pixels).contiguous(),  # (N, 3, H, W)
         "prompts": prompts,
+        "keys": keys,  # what each image is (content, resolution, crop, flip): the latent cache's key
         "is_prior": torch.tensor([False] * len(examples) + [True] * len(priors)),
     }
     if "seed" in examples[0]:

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from dallm import diffusion, lora, tokens
+from dallm.cache import LatentCache, vae_identity
 from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
 
 # Stored half dtype of the frozen base for each mixed-precision setting of the trainer.
@@ -37,6 +39,11 @@ class DallmModule(pl.LightningModule):
         prior_loss_weight: float = 1.0,
         snr_gamma: float | None = None,
         seed: int = 0,
+        cache_latents: bool = True,
+        cache_dir: str | None = None,
+        gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -62,6 +69,13 @@ class DallmModule(pl.LightningModule):
             prior_loss_weight: weight of the prior-preservation loss on class images.
             snr_gamma: min-SNR-gamma loss weighting (e.g. 5.0); null for the plain MSE.
             seed: seed of the per-step noise and timesteps (linked from --data.seed); resume-exact.
+            cache_latents: VAE-encode each training-image variant (content, resolution, crop, flip) once and
+                reuse its latent distribution; the latent is still sampled per step, so results are unchanged.
+            cache_dir: also keep the latent cache on disk here (keyed by image content, resolution, crop,
+                flip and VAE identity), so later runs skip the encoding; null: in memory only.
+            gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
+            channels_last: UNet in channels-last memory format (faster convolutions on recent GPUs).
+            compile: torch.compile the UNet (slow first steps, faster after; GPU).
             optimizer: optimizer of the trainable parameters (LoRA group + token group at token_lr).
             lr_scheduler: learning-rate schedule, stepped every optimizer step; null for a constant rate.
         """
@@ -90,6 +104,8 @@ class DallmModule(pl.LightningModule):
         # The checkpoint holds only what trains; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.unet = None
+        self.latent_cache: LatentCache | None = None
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ loading
     def frozen_dtype(self) -> torch.dtype:
@@ -164,6 +180,16 @@ class DallmModule(pl.LightningModule):
         # Frozen base stays in its (half) dtype; only the trainable parameters are fp32.
         cast_training_params([unet, text_encoder], dtype=torch.float32)
 
+        if hp.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if hp.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if hp.compile:
+            unet.compile()  # in place: parameter names (and so checkpoints) stay the same
+        if hp.cache_latents:
+            self.latent_cache = LatentCache(
+                vae_identity(vae, str(hp.pretrained_model_name_or_path)), hp.cache_dir
+            )
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         trainable, total = lora.count_parameters(self)
         self.param_counts = {"trainable": trainable, "total": total}
@@ -191,15 +217,29 @@ class DallmModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompt strings -> CLIP hidden states (N, 77, D)."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        """Prompt strings -> CLIP hidden states (N, L, D), each distinct prompt encoded once.
+
+        A prompt without placeholder tokens gives the same states at every step when the text encoder
+        has no LoRA (the new rows only change sequences that contain them), so its states are cached.
+        """
+        cacheable = not self.hparams.train_text_encoder
+        unique = list(dict.fromkeys(prompts))
+        todo = [p for p in unique if not (cacheable and p in self._text_cache)]
+        states = {p: self._text_cache[p] for p in unique if p not in todo}
+        if todo:
+            ids = self.tokenizer(
+                todo,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            hidden = self.text_encoder(ids)[0]  # (U, L, D)
+            for p, h in zip(todo, hidden, strict=True):
+                states[p] = h
+                if cacheable and not any(t in p for t in self.hparams.placeholder_tokens):
+                    self._text_cache[p] = h.detach()
+        return torch.stack([states[p] for p in prompts])
 
     def step_generator(self, micro_step: int) -> torch.Generator:
         """Noise source for one micro-batch: a pure function of (seed, step, rank), so resume is exact."""
@@ -208,10 +248,16 @@ class DallmModule(pl.LightningModule):
 
     def diffusion_losses(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Per-sample (weighted) diffusion losses of a batch: (N,)."""
-        pixels = batch["pixel_values"].to(self.vae.dtype)  # (N, 3, H, W)
+        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)  # (N, 3, H, W)
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
-            latents = latents * self.vae.config.scaling_factor  # (N, 4, H/8, W/8)
+            if self.latent_cache is not None and "keys" in batch:
+                params = self.latent_cache.latent_params(
+                    batch["keys"], pixels, lambda x: self.vae.encode(x).latent_dist.parameters
+                )
+                dist = DiagonalGaussianDistribution(params.to(self.vae.dtype))  # (N, 2C, h, w)
+            else:
+                dist = self.vae.encode(pixels).latent_dist
+            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor  # (N, 4, H/8, W/8)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = diffusion.sample_timesteps(
             latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, latents.device

@@ -474,6 +474,7 @@ def test_instance_prompt_substitutes_manifest_prompt(tmp_path):
 def test_collate_validation_seeds():
     ds = TeacherPriorDataset([(Path("x.png"), "p")], resolution=8)
     ds._images[Path("x.png")] = Image.new("RGB", (8, 8), (255, 0, 0))
+    ds._content_ids[Path("x.png")] = "x"  # no file behind it: the cache key's content id, given
     batch = collate([ds[3], ds[4]])
     assert batch["seeds"].tolist() == [3, 4]
     assert batch["pixel_values"][0, 0].eq(1).all() and batch["pixel_values"][0, 1].eq(-1).all()
