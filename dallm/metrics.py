@@ -317,16 +317,9 @@ class ModuleFeatures(FeatureExtractor):
 
 
 def _load_toy_feature_net() -> nn.Module:
-    """The toy world's feature net, from `dallm.toy.features.load_feature_net()` once the toy world exists."""
-    try:
-        from dallm.toy.features import load_feature_net
-    except ModuleNotFoundError as err:
-        if err.name and (err.name == "dallm.toy" or err.name.startswith("dallm.toy.")):
-            raise ValueError(
-                "--feature toy: the toy feature net is not installed yet (it comes with the toy world, "
-                "dallm/toy/feature_net)"
-            ) from err
-        raise
+    """The toy world's feature net (dallm/toy/features.py, weights in the package's toy assets)."""
+    from dallm.toy.features import load_feature_net
+
     return load_feature_net()
 
 

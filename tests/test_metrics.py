@@ -198,14 +198,26 @@ def test_module_feature_output_is_validated():
         build_feature_extractor("module:feature_nets:nope")
 
 
-def test_toy_feature_net_is_not_installed_yet():
-    try:
-        import dallm.toy.features  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(ValueError, match="toy feature net is not installed yet"):
-            build_feature_extractor("toy")
-    else:
-        pytest.skip("the toy world is installed")
+def test_toy_feature_net_separates_the_two_worlds():
+    import numpy as np
+
+    from dallm.toy import world
+
+    net = build_feature_extractor("toy")
+    rng = np.random.default_rng(0)
+    base = images_to_tensor_from_pil([world.sample_base(rng)[0] for _ in range(20)])
+    baroque = images_to_tensor_from_pil([world.sample_baroque(rng, "circle")[0] for _ in range(40)])
+    f_base, f_baroque = net(base), net(baroque)
+    assert f_base.shape == (20, 64) and torch.allclose(f_base.norm(dim=1), torch.ones(20), atol=1e-5)
+    same = kid_from_features(f_baroque[:20], f_baroque[20:]).kid_mean
+    different = kid_from_features(f_baroque[:20], f_base).kid_mean
+    assert different > 10 * max(same, 1e-3)
+
+
+def images_to_tensor_from_pil(images):
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
 
 
 def test_inception_weights_resolution(tmp_path, monkeypatch):
