@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -139,7 +140,7 @@ def main(args: ArgsType = None) -> DallmCLI | None:
     # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
-        return DallmCLI(
+        cli = DallmCLI(
             DallmModule,
             DallmDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -147,6 +148,11 @@ def main(args: ArgsType = None) -> DallmCLI | None:
             auto_configure_optimizers=False,
             args=args,
         )
+        # Lightning leaves the process group up; a gloo group still alive at interpreter exit can abort
+        # the process ("terminate called without an active exception") after a run that succeeded.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return cli
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         # Bad input gets one line naming the culprit, not a 60-line traceback through Lightning.
         if os.environ.get("DALLM_TRACEBACK"):
