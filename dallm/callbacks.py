@@ -261,7 +261,7 @@ class KIDCallback(pl.Callback):
             real = images_to_tensor(
                 trainer.datamodule.val_teacher_paths, size=trainer.datamodule.hparams.resolution
             )
-            recon = vae_roundtrip(pl_module, real)
+            recon = vae_roundtrip(pl_module.vae, real)
             out["kid/val_floor"] = self.kid(ref["val"], self.features(recon, pl_module.device)).kid_mean
         return out
 
@@ -330,12 +330,12 @@ class KIDCallback(pl.Callback):
 
 
 @torch.no_grad()
-def vae_roundtrip(pl_module, images: torch.Tensor) -> torch.Tensor:
-    """Encode and decode (N, 3, H, W) images in [0, 1] with the frozen VAE: what the UNet can at best reach."""
-    vae = pl_module.vae
+def vae_roundtrip(vae, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Encode and decode (N, 3, H, W) images in [0, 1] with `vae` (at its mode): what the UNet can at best
+    reach. Returns fp32 reconstructions in [0, 1] on the CPU."""
     out = []
-    for i in range(0, images.shape[0], 8):
-        x = (images[i : i + 8] * 2 - 1).to(pl_module.device, vae.dtype)
+    for i in range(0, images.shape[0], batch_size):
+        x = (images[i : i + batch_size] * 2 - 1).to(vae.device, vae.dtype)
         latents = vae.encode(x).latent_dist.mode()
         out.append(((vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(out)

@@ -5,8 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Uniform integer timesteps in [0, T), one per sample: (N,) long."""
+def sample_timesteps(
+    n: int, num_train_timesteps: int, generator: torch.Generator | list[torch.Generator], device
+) -> torch.Tensor:
+    """Uniform integer timesteps in [0, T), one per sample: (N,) long.
+
+    With a list of N generators, sample i draws from generator i (as diffusers' randn_tensor does).
+    """
+    if isinstance(generator, list):
+        return torch.cat(
+            [torch.randint(0, num_train_timesteps, (1,), generator=g, device=device) for g in generator]
+        )
     return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
 
 

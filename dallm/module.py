@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -246,8 +247,14 @@ class DallmModule(pl.LightningModule):
         seed = (self.hparams.seed * 1_000_003 + micro_step) * 4099 + self.global_rank
         return torch.Generator(device=self.device).manual_seed(seed % (2**63))
 
-    def diffusion_losses(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample (weighted) diffusion losses of a batch: (N,)."""
+    def diffusion_losses(
+        self, batch: dict, generator: torch.Generator | list[torch.Generator]
+    ) -> torch.Tensor:
+        """Per-sample (weighted) diffusion losses of a batch: (N,).
+
+        `generator` is one generator for the batch, or one per sample (each sample's latent noise,
+        diffusion noise and timestep then come from its own generator, whatever the batch holds).
+        """
         pixels = batch["pixel_values"].to(self.device, self.vae.dtype)  # (N, 3, H, W)
         with torch.no_grad():
             if self.latent_cache is not None and "keys" in batch:
@@ -258,7 +265,7 @@ class DallmModule(pl.LightningModule):
             else:
                 dist = self.vae.encode(pixels).latent_dist
             latents = dist.sample(generator=generator) * self.vae.config.scaling_factor  # (N, 4, H/8, W/8)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = diffusion.sample_timesteps(
             latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, latents.device
         )
@@ -292,14 +299,13 @@ class DallmModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise and timesteps per held-out image, so the curve compares like with like.
-        losses = []
-        for i, seed in enumerate(batch["seeds"].tolist()):
-            single = {k: v[i : i + 1] for k, v in batch.items() if k != "prompts"}
-            single["prompts"] = batch["prompts"][i : i + 1]
-            gen = torch.Generator(device=self.device).manual_seed(int(seed))
-            losses.append(self.diffusion_losses(single, gen))
-        self.log("val/loss", torch.cat(losses).mean(), batch_size=len(losses), sync_dist=True)
+        # Fixed noise and timesteps per held-out image (its own seeded generator), so the curve compares
+        # like with like; one batched forward for all of them.
+        generators = [
+            torch.Generator(device=self.device).manual_seed(int(s)) for s in batch["seeds"].tolist()
+        ]
+        losses = self.diffusion_losses(batch, generators)
+        self.log("val/loss", losses.mean(), batch_size=len(generators), sync_dist=True)
 
     def on_train_start(self) -> None:
         if self.logger is not None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dallm.callbacks import vae_roundtrip
 from dallm.metrics import kid_from_features
 from dallm.teacher import append_manifest, save_png_atomic
 from dallm.tiny import write_clip_bpe_files
@@ -84,16 +85,6 @@ def train_vae(steps: int, batch: int):
         lat = torch.cat([vae.encode(pool[i : i + 512]).latent_dist.mode() for i in range(0, 4096, 512)])
     vae.register_to_config(scaling_factor=float(1 / lat.std()))
     return vae
-
-
-@torch.no_grad()
-def vae_roundtrip(vae, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> reconstructions in [0, 1]."""
-    out = [
-        vae.decode(vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mode()).sample
-        for i in range(0, len(images), 256)
-    ]
-    return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------- feature net
@@ -290,14 +281,13 @@ def check(pipe, features: ToyFeatureNet, out: Path) -> dict:
         output_type="pt",
     ).images
     f_val = features(val)
+    recon = vae_roundtrip(pipe.vae, val)
     return {
         "base_shape_accuracy": shape_ok / n,
         "base_colour_accuracy": colour_ok / n,
         "kid_base_vs_val_teacher": kid_from_features(f_val, features(base)).kid_mean,
-        "kid_vae_floor_val_teacher": kid_from_features(
-            f_val, features(vae_roundtrip(pipe.vae, val))
-        ).kid_mean,
-        "vae_recon_l1_val_teacher": float((vae_roundtrip(pipe.vae, val) - val).abs().mean()),
+        "kid_vae_floor_val_teacher": kid_from_features(f_val, features(recon)).kid_mean,
+        "vae_recon_l1_val_teacher": float((recon - val).abs().mean()),
     }
 
 
