@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -29,6 +30,14 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 10,
+}
+
+
+# Commands outside LightningCLI: `python -m dallm NAME ARGS...` calls "module:function"(ARGS) -> exit status.
+# One line per command; each is a typed function under jsonargparse or its own small parser.
+COMMANDS = {
+    "kid": "dallm.metrics:kid_main",
+    "teacher": "dallm.teacher:teacher_main",
 }
 
 
@@ -128,15 +137,10 @@ def resolve_last_checkpoint(cfg) -> None:
 def main(args: ArgsType = None) -> DallmCLI | None:
     """Entry point of `python -m dallm` and the `dallm` script; tests call it in-process."""
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, (list, tuple)) and argv and argv[0] == "kid":
-        # Not a training command: its own small parser (dallm.metrics), no LightningCLI around it.
-        from dallm.metrics import kid_main
-
-        raise SystemExit(kid_main(list(argv[1:])))
-    if isinstance(argv, (list, tuple)) and argv and argv[0] == "teacher":
-        from dallm.teacher import teacher_main
-
-        raise SystemExit(teacher_main(list(argv[1:])))
+    if isinstance(argv, (list, tuple)) and argv and argv[0] in COMMANDS:
+        # Not a training command: no LightningCLI around it.
+        module, func = COMMANDS[argv[0]].split(":")
+        raise SystemExit(getattr(importlib.import_module(module), func)(list(argv[1:])))
     # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
