@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dallm.callbacks import vae_roundtrip
+from dallm.base import vae_roundtrip
+from dallm.manifest import append_manifest, save_png_atomic
 from dallm.metrics import kid_from_features
-from dallm.teacher import append_manifest, save_png_atomic
 from dallm.tiny import write_clip_bpe_files
 from dallm.toy import world
 from dallm.toy.features import ToyFeatureNet
