@@ -34,7 +34,7 @@ from dallm.teacher_dir import VAL_DIR, DirState, Plan, Slot, check_seeds, scan, 
 if TYPE_CHECKING:
     from dallm.openai_teacher import OpenAIRequest
 
-__all__ = ["teacher", "teacher_main", "split_counts"]
+__all__ = ["teacher", "teacher_main"]
 
 
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:

@@ -25,7 +25,8 @@ from dallm.cli import main
 from dallm.data import DallmDataModule
 from dallm.manifest import lock_directory, read_manifest, sha256_file
 from dallm.openai_teacher import backoff_seconds, retry_after_seconds
-from dallm.teacher import split_counts, teacher_main
+from dallm.teacher import teacher_main
+from dallm.teacher_dir import split_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-DALLM-0123456789-do-not-print"
@@ -351,6 +352,7 @@ def test_refused_before_any_request(api, tmp_path, capsys, monkeypatch):
     assert len(api.requests) == 1
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_asking_twice(api, tmp_path, capsys):
     """SIGKILL a real `python -m dallm teacher` mid-way, then run it again: exactly --n images."""
     api.delay = 0.25
