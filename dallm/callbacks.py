@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from dallm.base import vae_roundtrip
+
 
 def run_dir(trainer: pl.Trainer) -> Path:
     """The run directory: the logger's version dir (lightning_logs/<name>/version_k), else default_root_dir."""
@@ -327,15 +329,3 @@ class KIDCallback(pl.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image("samples", grid, step)
-
-
-@torch.no_grad()
-def vae_roundtrip(vae, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Encode and decode (N, 3, H, W) images in [0, 1] with `vae` (at its mode): what the UNet can at best
-    reach. Returns fp32 reconstructions in [0, 1] on the CPU."""
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = (images[i : i + batch_size] * 2 - 1).to(vae.device, vae.dtype)
-        latents = vae.encode(x).latent_dist.mode()
-        out.append(((vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1).cpu())
-    return torch.cat(out)

@@ -1,366 +1,40 @@
-"""Teacher and prior images for training: listing, decoding, transforms, the step stream, the DataModule.
+"""The DataModule: teacher images (train / held-out split, prompts), prior-preservation class images, loaders.
 
-Batch contract with the LightningModule (`collate` builds it):
-
-    {"pixel_values": FloatTensor (N, 3, H, W) in [-1, 1],
-     "prompts": list[str] of N,
-     "is_prior": BoolTensor (N,),
-     "seeds": LongTensor (N,)}          # validation batches only: fixed per-image noise seeds
-
-A training batch is B teacher ("instance") examples followed by B prior examples when prior
-preservation is on (N = 2B), else just the B instance examples.
-
-The training order is one deterministic stream of (index, augmentation seed) pairs indexed by the
-sample position since the start of the run (`StepSampler`), and every transform is a pure function of
-its seed, so a run resumed at step k sees exactly the batches an uninterrupted run would have.
+What an example and a batch are is in `dallm.dataset`; the training order in `dallm.stream`; how a
+class image is made in `dallm.generate` (the same filler as `dallm teacher --backend diffusers`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from dallm.manifest import IMAGE_EXTENSIONS, manifest_path, read_manifest, sha256_file
-from dallm.teacher import consecutive_runs, dtype_kwarg, generate_with_pipeline, model_id
+from dallm.base import load_base_pipeline, model_id
+from dallm.dataset import TeacherPriorDataset, collate
+from dallm.generate import fill_slots
+from dallm.images import list_images
+from dallm.manifest import lock_directory, manifest_path, read_manifest, remove_stale_temp_files, slot_name
+from dallm.stream import StepDataLoader, StepSampler
+from dallm.teacher_dir import DirFlags, Slot, scan
 
-_MASK64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------------------- images
-
-
-def list_images(directory: str | Path, flag: str) -> list[Path]:
-    """Image files directly inside `directory` (not recursive, so `val/` stays out), sorted by name.
-
-    `flag` is the CLI flag that named the directory, so errors tell the user what to change.
-    """
-    d = Path(directory)
-    if not d.exists():
-        raise FileNotFoundError(f"{flag}: directory {directory} does not exist")
-    if not d.is_dir():
-        raise NotADirectoryError(f"{flag}: {directory} is not a directory")
-    # Hidden names are temp files of save_png_atomic or macOS "._x.png" resource forks, not images.
-    paths = sorted(
-        (
-            p
-            for p in d.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        ),
-        key=lambda p: p.name,
-    )
-    if not paths:
-        raise ValueError(
-            f"{flag}: no images in {directory} (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return paths
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        arr = np.asarray(im).astype(np.float64)
-        if im.mode == "F":
-            arr = np.nan_to_num(arr)
-            # Float images are usually in [0, 1]; anything larger is taken as already 0..255.
-            if arr.size and arr.max() <= 1.0:
-                arr = arr * 255.0
-        else:
-            # 16-bit data (I;16*, and mode "I" as Pillow opens 16-bit PNG/TIFF): 65535 -> 255, not a clip at 255.
-            arr = np.clip(arr, 0, 65535) / 257.0
-        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
-        # Transparent pixels often hold junk colour (black); the teacher never saw them, white is neutral.
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file fully and return it in mode RGB (alpha composited on white).
-
-    Raises:
-        ValueError: naming the file, for a corrupt, truncated or non-image file.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()  # decodes now, so a truncated file fails here and not mid-training
-            im = ImageOps.exif_transpose(im)  # a phone photo is trained upright, as it is displayed
-            return _to_rgb(im)
-    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
-        raise ValueError(f"{path}: cannot read image: {err}") from err
-
-
-# ------------------------------------------------------------------------------------- transforms
-
-
-def resize_shortest_side(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize (bilinear; PIL antialiases when shrinking) so that the shorter side is `resolution`."""
-    w, h = image.size
-    if min(w, h) == resolution:
-        return image
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    return image.resize(size, Image.Resampling.BILINEAR)
-
-
-def augmentation(size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool, seed: int):
-    """(left, top, flip) of the crop and flip applied to an image of `size` already resized to `resolution`.
-
-    Drawn from `torch.Generator().manual_seed(seed)` only: a pure function of its arguments.
-    """
-    g = torch.Generator().manual_seed(seed)
-    w, h = size
-    if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
-    flip = random_flip and float(torch.rand((), generator=g)) < 0.5
-    return left, top, flip
-
-
-def preprocess(
-    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, seed: int
-) -> torch.Tensor:
-    """Resize, crop and maybe flip `image` into a (3, resolution, resolution) tensor in [-1, 1].
-
-    The random crop offset and the flip come from `augmentation` (seeded), so the result is a pure
-    function of (image, arguments): same seed, same tensor, in any worker.
-    """
-    image = resize_shortest_side(image, resolution)
-    left, top, flip = augmentation(image.size, resolution, center_crop, random_flip, seed)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
-
-
-# ---------------------------------------------------------------------------------- sample stream
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(seed: int, value: int) -> int:
-    """A well-spread non-negative 63-bit seed from (seed, value).
-
-    Hashing instead of `seed + value` keeps runs with neighbouring seeds from replaying each
-    other's shuffles shifted by one epoch, which would make a seed sweep less informative.
-    """
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (value & _MASK64)) >> 1
-
-
-class StepSampler(Sampler[tuple[int, int]]):
-    """The whole run's training order as one deterministic stream, sharded over ranks.
-
-    Stream position p (0, 1, 2, ...) is index `perm_e[p % n]` of epoch `e = p // n`, where `perm_e` is
-    `torch.randperm(n)` seeded with `mix_seed(seed, e)`, and carries the augmentation seed
-    `mix_seed(seed, -1 - p)`. Per-rank batch q of rank r holds positions
-    `(q * world_size + r) * batch_size + j`, j < batch_size, so ranks get disjoint shards, and gradient
-    accumulation only means more per-rank batches per optimizer step. The sampler yields
-    `(index, aug_seed)` for per-rank batches `[start_batch, total_batches)`: resuming at batch k yields
-    exactly the tail of the uninterrupted stream.
-
-    `len()` counts the whole run, `total_batches * batch_size`, not just what is left. Lightning
-    restores its in-epoch batch counter on resume and ends the epoch when that counter reaches the
-    loader's length; with a length of only the remaining batches, a run resumed mid-way would end its
-    epoch early (stepping the optimizer on a partial accumulation) and then replay the tail.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        start_batch: int,
-        total_batches: int,
-        world_size: int = 1,
-        rank: int = 0,
-    ) -> None:
-        if n < 1:
-            raise ValueError(f"StepSampler needs n >= 1 items, got {n}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if start_batch < 0 or total_batches < 0:
-            raise ValueError(f"need start_batch, total_batches >= 0, got {start_batch}, {total_batches}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.start_batch, self.total_batches = start_batch, total_batches
-        self.world_size, self.rank = world_size, rank
-
-    def position(self, batch: int, j: int) -> int:
-        """Stream position of item j of this rank's per-rank batch `batch`."""
-        return (batch * self.world_size + self.rank) * self.batch_size + j
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The order of epoch `epoch` of the stream."""
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
-
-    def item(self, position: int) -> tuple[int, int]:
-        """(index, aug_seed) at a stream position; a pure function of (n, seed, position)."""
-        return int(self.permutation(position // self.n)[position % self.n]), mix_seed(
-            self.seed, -1 - position
-        )
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, perm = -1, None
-        for q in range(self.start_batch, self.total_batches):
-            for j in range(self.batch_size):
-                p = self.position(q, j)
-                if p // self.n != epoch:  # positions only grow: one randperm per epoch
-                    epoch = p // self.n
-                    perm = self.permutation(epoch)
-                yield int(perm[p % self.n]), mix_seed(self.seed, -1 - p)
-
-    def __len__(self) -> int:
-        return self.total_batches * self.batch_size
-
-
-class StepDataLoader(DataLoader):
-    """A DataLoader over a `StepSampler` that Lightning treats as resumable.
-
-    The position to resume from needs no saving: it follows from the restored `global_step`. The
-    state only records what the stream depends on, so a resume with other data or settings warns
-    instead of silently training on a different stream (and Lightning drops its generic
-    "dataloader is not resumable" warning).
-    """
-
-    def state_dict(self) -> dict[str, int]:
-        s = self.sampler
-        assert isinstance(s, StepSampler)
-        return {"n": s.n, "batch_size": s.batch_size, "seed": s.seed, "world_size": s.world_size}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        now = self.state_dict()
-        changed = {
-            k: f"{state_dict[k]} -> {v}" for k, v in now.items() if k in state_dict and state_dict[k] != v
-        }
-        if changed:
-            warnings.warn(
-                f"resuming with a different training stream ({changed}; n is the training-set size): the "
-                "batches from here on are not those the interrupted run would have seen",
-                stacklevel=2,
-            )
-
-
-# --------------------------------------------------------------------------------------- datasets
-
-
-class TeacherPriorDataset(Dataset):
-    """Teacher ("instance") items, each paired with a prior (class) item when prior preservation is on.
-
-    Item i is instance `i % n_instance` and prior `i % n_prior`; the length is the larger count, so an
-    epoch of the stream sees every image of the larger set once. Decoded images stay in memory, already
-    resized to `resolution` (a few dozen images; decoding a 1024 px PNG costs more than a small step).
-
-    Keys: `(i, aug_seed)` (what `StepSampler` yields) gives a training example augmented with
-    `aug_seed`; a plain int `i` gives an evaluation example augmented with seed i and carrying
-    `"seed": i`, a fixed noise seed so validation losses are comparable across steps.
-    """
-
-    def __init__(
-        self,
-        instance_items: Sequence[tuple[Path, str]],
-        prior_items: Sequence[tuple[Path, str]] | None = None,
-        *,
-        resolution: int,
-        center_crop: bool = True,
-        random_flip: bool = False,
-    ) -> None:
-        if not instance_items:
-            raise ValueError("TeacherPriorDataset needs at least one instance image")
-        self.instance_items = [(Path(p), s) for p, s in instance_items]
-        self.prior_items = [(Path(p), s) for p, s in prior_items or []]
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self._images: dict[Path, Image.Image] = {}
-        self._content_ids: dict[Path, str] = {}
-
-    def image(self, path: Path) -> Image.Image:
-        """The decoded, resized image at `path` (cached)."""
-        if path not in self._images:
-            self._images[path] = resize_shortest_side(load_rgb(path), self.resolution)
-        return self._images[path]
-
-    def preload(self) -> None:
-        """Decode every image now, so a broken file fails before training, naming the file."""
-        for path, _ in self.instance_items + self.prior_items:
-            self.image(path)
-
-    def __len__(self) -> int:
-        return max(len(self.instance_items), len(self.prior_items))
-
-    def _example(self, item: tuple[Path, str], aug_seed: int) -> tuple[torch.Tensor, str, str]:
-        """(pixels, prompt, variant key): the key names exactly these pixels, for the latent cache."""
-        path, prompt = item
-        image = self.image(path)
-        left, top, flip = augmentation(
-            image.size, self.resolution, self.center_crop, self.random_flip, aug_seed
-        )
-        key = f"{self.content_id(path)}:{self.resolution}:{left},{top}:{int(flip)}"
-        return preprocess(image, self.resolution, self.center_crop, self.random_flip, aug_seed), prompt, key
-
-    def content_id(self, path: Path) -> str:
-        """sha256 of the file's bytes (cached): the cache key follows the content, not the name."""
-        if path not in self._content_ids:
-            self._content_ids[path] = sha256_file(path)
-        return self._content_ids[path]
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        if isinstance(key, tuple):
-            i, aug_seed = int(key[0]), int(key[1])
-            out: dict[str, Any] = {}
-        else:
-            i = aug_seed = int(key)
-            out = {"seed": i}
-        out["pixel_values"], out["prompt"], out["key"] = self._example(
-            self.instance_items[i % len(self.instance_items)], aug_seed
-        )
-        if self.prior_items:
-            out["prior_pixel_values"], out["prior_prompt"], out["prior_key"] = self._example(
-                self.prior_items[i % len(self.prior_items)], aug_seed
-            )
-        return out
-
-
-def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack examples into the batch contract: all instance examples first, then all prior examples."""
-    pixels = [e["pixel_values"] for e in examples]
-    prompts = [e["prompt"] for e in examples]
-    priors = [e for e in examples if "prior_pixel_values" in e]
-    if priors and len(priors) != len(examples):
-        raise ValueError("collate: either every example has a prior part or none has")
-    pixels += [e["prior_pixel_values"] for e in priors]
-    prompts += [e["prior_prompt"] for e in priors]
-    keys = [e["key"] for e in examples] + [e["prior_key"] for e in priors]
-    batch: dict[str, Any] = {
-        "pixel_values": torch.stack(pixels).contiguous(),  # (N, 3, H, W)
-        "prompts": prompts,
-        "keys": keys,  # what each image is (content, resolution, crop, flip): the latent cache's key
-        "is_prior": torch.tensor([False] * len(examples) + [True] * len(priors)),
-    }
-    if "seed" in examples[0]:
-        batch["seeds"] = torch.tensor([e["seed"] for e in examples] * (2 if priors else 1), dtype=torch.long)
-    return batch
-
-
-# ------------------------------------------------------------------------------------- DataModule
+# Class-image directories are checked as teacher directories are, with the DataModule's flags in messages.
+PRIOR_FLAGS = DirFlags(
+    "--data.prior_dir",
+    {
+        "prompt": "--data.class_prompt",
+        "model": "--model.pretrained_model_name_or_path",
+        "steps": "--data.prior_generation_steps",
+        "guidance_scale": "--data.prior_guidance_scale",
+    },
+    "choose another --data.prior_dir (mixing class images made with other settings would go unnoticed)",
+    exclusive=False,  # only the slots are read, so other files there do no harm
+)
 
 
 class DallmDataModule(pl.LightningDataModule):
@@ -460,7 +134,7 @@ class DallmDataModule(pl.LightningDataModule):
         self.train_teacher_prompts = self._instance_prompts(self.train_teacher_paths)
         self.val_teacher_prompts = self._instance_prompts(self.val_teacher_paths)
         self.prior_paths: list[Path] = (
-            [Path(prior_dir) / f"{i:06d}.png" for i in range(num_prior_images)]
+            [Path(prior_dir) / slot_name(i) for i in range(num_prior_images)]
             if self.with_prior_preservation
             else []
         )
@@ -535,53 +209,35 @@ class DallmDataModule(pl.LightningDataModule):
             cls = PermissionError if isinstance(err, PermissionError) else OSError
             raise cls(f"--data.prior_dir: cannot create or write {prior_dir}: {err}") from err
 
-    def _load_pipeline(self) -> Any:
-        """The base model as a diffusers pipeline on the fastest device (fp16 on CUDA)."""
-        from diffusers import StableDiffusionPipeline
-
-        hp = self.hparams
-        cuda = torch.cuda.is_available()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            hp.pretrained_model_name_or_path,
-            revision=hp.revision,
-            variant=hp.variant,
-            safety_checker=None,
-            requires_safety_checker=False,
-            **dtype_kwarg(torch.float16 if cuda else torch.float32),
-        )
-        return pipe.to("cuda" if cuda else "cpu")
-
     def prepare_data(self) -> None:
-        """Generate the class images that prior_dir lacks (Lightning runs this once per node)."""
+        """Generate the class images that prior_dir lacks (Lightning runs this once per node).
+
+        A class image is present as a teacher image is (`dallm.teacher_dir.scan`): its file, its sha256
+        in the manifest, and the manifest's prompt, model, steps and guidance equal to this run's; other
+        settings are refused, naming the flag. The directory is locked while it is filled, and temp files
+        of a killed earlier run are removed first.
+        """
         if not self.with_prior_preservation:
             return
         hp = self.hparams
         prior_dir = Path(hp.prior_dir)
         self._check_prior_dir_writable(prior_dir)
+        with lock_directory(prior_dir):  # released on return, and by the OS if the process is killed
+            remove_stale_temp_files(prior_dir)
+            self._fill_prior_dir(prior_dir)
+
+    def _fill_prior_dir(self, prior_dir: Path) -> None:
+        hp = self.hparams
         model = model_id(hp.pretrained_model_name_or_path)
-        records = read_manifest(prior_dir)
-        for r in records:
-            other_model = model and r.get("model") != model
-            if r.get("prompt") != hp.class_prompt or other_model:
-                raise ValueError(
-                    f"--data.prior_dir {prior_dir} holds class images of prompt {r.get('prompt')!r} by model "
-                    f"{r.get('model')!r} ({manifest_path(prior_dir)}), but this run uses --data.class_prompt "
-                    f"{hp.class_prompt!r} with model {model!r}: choose another --data.prior_dir "
-                    "(mixing class images of different prompts or models would go unnoticed)"
-                )
-        settings = {"steps": hp.prior_generation_steps, "guidance_scale": hp.prior_guidance_scale}
-        stale = {k for r in records for k, v in settings.items() if k in r and r[k] != v}
-        if stale:
-            warnings.warn(
-                f"{prior_dir}: reusing class images made with other {', '.join(sorted(stale))} than "
-                f"{settings}; use another --data.prior_dir to regenerate them",
-                stacklevel=2,
-            )
-        listed = {Path(str(r.get("file", ""))).name for r in records}
-        # A file without a manifest line was left by a crash between image and line: regenerate it.
-        missing = [i for i, p in enumerate(self.prior_paths) if not (p.name in listed and p.is_file())]
+        settings: dict[str, Any] = {"prompt": hp.class_prompt}
+        if model:  # without a model nothing can be generated; images already there are taken as they are
+            settings["model"] = model
+        settings |= {"steps": hp.prior_generation_steps, "guidance_scale": hp.prior_guidance_scale}
+        slots = [Slot(prior_dir, i) for i in range(hp.num_prior_images)]
+        # A file without a manifest line was left by a crash between image and line: it is made again.
+        missing = scan(prior_dir, slots, settings, PRIOR_FLAGS).missing
         print(
-            f"prior: {len(self.prior_paths) - len(missing)} of {hp.num_prior_images} class images present in "
+            f"prior: {len(slots) - len(missing)} of {hp.num_prior_images} class images present in "
             f"{prior_dir}, generating {len(missing)}"
             + (
                 f" with {model} ({hp.prior_generation_steps} steps, guidance {hp.prior_guidance_scale})"
@@ -592,28 +248,26 @@ class DallmDataModule(pl.LightningDataModule):
         )
         if not missing:
             return
-        if not hp.pretrained_model_name_or_path:
+        if not model:
             raise ValueError(
                 "--model.pretrained_model_name_or_path (--data.pretrained_model_name_or_path) is needed to "
                 f"generate {len(missing)} class images into --data.prior_dir {prior_dir}"
             )
-        pipe = self._load_pipeline()
+        pipe = load_base_pipeline(hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant)
         try:
-            # Consecutive runs of missing indices, each generated with seeds = indices (reproducible).
-            for run in consecutive_runs(missing):
-                generate_with_pipeline(
-                    pipe,
-                    hp.class_prompt,
-                    prior_dir,
-                    seeds=run,
-                    start_index=run[0],
-                    num_inference_steps=hp.prior_generation_steps,
-                    guidance_scale=hp.prior_guidance_scale,
-                    height=hp.resolution,
-                    width=hp.resolution,
-                    batch_size=hp.prior_batch_size,
-                    model=model,
-                )
+            # Image i gets seed i (base seed 0), whatever run or batch it is generated in: reproducible.
+            fill_slots(
+                pipe,
+                missing,
+                hp.class_prompt,
+                0,
+                num_inference_steps=hp.prior_generation_steps,
+                guidance_scale=hp.prior_guidance_scale,
+                height=hp.resolution,
+                width=hp.resolution,
+                batch_size=hp.prior_batch_size,
+                model=model,
+            )
         finally:
             del pipe
             if torch.cuda.is_available():

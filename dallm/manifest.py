@@ -16,6 +16,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -161,27 +163,31 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     return stale
 
 
-def lock_directory(directory: str | Path) -> Any:
-    """Take an exclusive lock on `directory/.lock` for this process; returns the open file holding it.
+@contextmanager
+def lock_directory(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory/.lock` for the `with` block (`filelock`).
 
     Two runs filling the same directory would request the same missing images twice and interleave
-    manifest lines. The lock is an OS lock (`flock`): it is released when the process dies, even by
-    SIGKILL, so no stale lock survives a crash. Raises `RuntimeError` if another process holds it.
+    manifest lines. The lock is an OS lock (flock on POSIX, msvcrt on Windows): it is released when the
+    process dies, even by SIGKILL, so no stale lock survives a crash.
+
+    Raises:
+        RuntimeError: if another process holds the lock (no waiting: the user should know).
     """
+    from filelock import FileLock, Timeout
+
     path = Path(directory) / ".lock"
-    fh = open(path, "a+")  # noqa: SIM115 - kept open on purpose: closing it releases the lock
+    lock = FileLock(path, timeout=0)
     try:
-        import fcntl
-    except ImportError:  # Windows: no flock; concurrent runs are not detected there
-        return fh
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        fh.close()
+        lock.acquire()
+    except Timeout as err:
         raise RuntimeError(
             f"{directory} is being filled by another running process ({path} is locked)"
         ) from err
-    return fh
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def slot_name(index: int) -> str:

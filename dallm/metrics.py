@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from dallm.data import list_images, load_rgb
+from dallm.images import list_images, load_rgb
 
 FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
 

@@ -124,32 +124,15 @@ class DallmModule(pl.LightningModule):
 
     def load_base(self) -> dict:
         """Tokenizer, noise scheduler, text encoder, VAE and UNet of the base model, in the frozen dtype."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from dallm.base import load_base_parts
 
         hp = self.hparams
-        src = hp.pretrained_model_name_or_path
-        dtype = self.frozen_dtype()
-        kw = {"revision": hp.revision}
-        weights = {"variant": hp.variant, "torch_dtype": dtype, **kw}
-        try:
-            return {
-                "tokenizer": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
-                "noise_scheduler": DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw),
-                "text_encoder": CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights),
-                "vae": AutoencoderKL.from_pretrained(src, subfolder="vae", **weights),
-                "unet": UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights),
-            }
-        except (OSError, ValueError) as err:
-            where = (
-                "local directory"
-                if Path(src).exists()
-                else "hub id (is HF_HUB_OFFLINE set, or is it cached?)"
-            )
-            raise ValueError(
-                f"--model.pretrained_model_name_or_path: cannot load the base model {src!r} as a {where}: "
-                f"{str(err).splitlines()[0]}"
-            ) from err
+        return load_base_parts(
+            hp.pretrained_model_name_or_path,
+            revision=hp.revision,
+            variant=hp.variant,
+            dtype=self.frozen_dtype(),
+        )
 
     def attach_base(self, tokenizer, noise_scheduler, text_encoder, vae, unet) -> None:
         """Freeze the base parts, add placeholder tokens and LoRA, and make them this module's.
@@ -369,22 +352,13 @@ class DallmModule(pl.LightningModule):
     # ------------------------------------------------------------------ sampling and export
     def pipeline(self, scheduler=None):
         """A diffusers pipeline over this module's own (LoRA-carrying) parts; no copies."""
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers import DPMSolverMultistepScheduler
+
+        from dallm.base import pipeline_from_parts
 
         if scheduler is None:
             scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return pipeline_from_parts(self.tokenizer, self.text_encoder, self.vae, self.unet, scheduler)
 
     @torch.no_grad()
     def generate(

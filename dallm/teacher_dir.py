@@ -1,10 +1,12 @@
-"""A teacher directory against what a run wants: slots, what is present, consistency, the plan.
+"""An image directory against what a run wants: slots, what is present, consistency, the plan.
 
 Layout: `--n` images, of which `--val_count` are held out, as `OUT/000000.png ...` and
 `OUT/val/000000.png ...`, each directory with its own `manifest.jsonl` (`dallm.manifest`). The
 DataModule trains on `OUT` and validates on `OUT/val`. A slot (directory, index) is *present* when its
 file exists and the manifest's last record for it has the file's sha256; a re-run makes only the
-others, so a killed run costs at most the requests that were in flight. No network, no model here.
+others, so a killed run costs at most the requests that were in flight. The DataModule's class-image
+directory (`--data.prior_dir`) follows the same rules, with its own flags in the messages (`DirFlags`).
+No network, no model here.
 """
 
 from __future__ import annotations
@@ -72,11 +74,33 @@ def wanted_slots(out: Path, n_train: int, n_val: int) -> list[Slot]:
     return [Slot(out, i) for i in range(n_train)] + [Slot(out / VAL_DIR, j, True) for j in range(n_val)]
 
 
-def _flag(key: str) -> str:
-    return {"guidance_scale": "--guidance_scale", "negative_prompt": "--negative_prompt"}.get(key, f"--{key}")
+@dataclass(frozen=True)
+class DirFlags:
+    """How messages about one kind of image directory name what the user can change.
+
+    `dallm teacher` fills `--out`; the DataModule fills `--data.prior_dir` with class images. Both share
+    one notion of present (file + sha256 + settings); only the flags in the messages differ.
+    """
+
+    directory: str  # the flag of the directory: "--out"
+    settings: dict[str, str]  # manifest key -> flag that sets it; unlisted keys are "--KEY"
+    remedy: str  # what to do about images made with other settings
+    exclusive: bool = True  # training reads the whole directory, so images dallm did not write are refused
+
+    def of(self, key: str) -> str:
+        return self.settings.get(key, f"--{key}")
 
 
-def check_settings(directory: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+TEACHER_FLAGS = DirFlags(
+    "--out",
+    {},
+    "use another --out, or the same settings to add to it (mixed images would go unnoticed in training)",
+)
+
+
+def check_settings(
+    directory: Path, records: list[dict[str, Any]], settings: dict[str, Any], flags: DirFlags = TEACHER_FLAGS
+) -> None:
     """Refuse to add images made with other settings (prompt, model, size, ...) to `directory`.
 
     A record without one of the keys does not constrain it: older records may lack a field.
@@ -85,9 +109,9 @@ def check_settings(directory: Path, records: list[dict[str, Any]], settings: dic
         for key, want in settings.items():
             if key in record and record[key] != want:
                 raise ValueError(
-                    f"--out: {directory} holds images made with {key} {record[key]!r} (record {no} of "
-                    f"{manifest_path(directory)}), but this run asks for {_flag(key)} {want!r}: use another "
-                    "--out, or the same settings to add to it (mixed images would go unnoticed in training)"
+                    f"{flags.directory}: {directory} holds images made with {key} {record[key]!r} (record {no} "
+                    f"of {manifest_path(directory)}), but this run asks for {flags.of(key)} {want!r}: "
+                    f"{flags.remedy}"
                 )
 
 
@@ -102,8 +126,10 @@ class DirState:
     records: dict[Path, dict[str, dict[str, Any]]] = field(default_factory=dict)  # dir -> file -> record
 
 
-def scan(out: Path, slots: list[Slot], settings: dict[str, Any]) -> DirState:
+def scan(out: Path, slots: list[Slot], settings: dict[str, Any], flags: DirFlags = TEACHER_FLAGS) -> DirState:
     """Read the manifests of `out` and `out/val`, check them against `settings` and the files on disk.
+
+    `flags` names the directory's flags in errors (`--out` of `dallm teacher` by default).
 
     Raises:
         ValueError: for other settings, a file that no longer matches its sha256 (edited, or half of an
@@ -115,7 +141,7 @@ def scan(out: Path, slots: list[Slot], settings: dict[str, Any]) -> DirState:
         if not directory.is_dir():
             continue
         records = read_manifest(directory)
-        check_settings(directory, records, settings)
+        check_settings(directory, records, settings, flags)
         by_file = {str(r["file"]): r for r in records if r.get("file")}  # the last record describes it
         state.records[directory] = by_file
         images = [
@@ -124,16 +150,16 @@ def scan(out: Path, slots: list[Slot], settings: dict[str, Any]) -> DirState:
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
         ]
         foreign = [p.name for p in images if p.name not in by_file and not _SLOT_NAME.fullmatch(p.name)]
-        if foreign:
+        if foreign and flags.exclusive:
             raise ValueError(
-                f"--out: {directory} holds images that dallm teacher did not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}): use an empty --out"
+                f"{flags.directory}: {directory} holds images that dallm did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): use an empty {flags.directory}"
             )
         for p in images:
             record = by_file.get(p.name)
             if record is not None and record.get("sha256") != sha256_file(p):
                 raise ValueError(
-                    f"--out: {p} does not match its sha256 in {manifest_path(directory)} (edited after it was "
+                    f"{flags.directory}: {p} does not match its sha256 in {manifest_path(directory)} (edited after it was "
                     "written, or left by an interrupted re-make): delete the file to have it made again"
                 )
             if (directory, p.name) not in wanted:

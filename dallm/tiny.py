@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from dallm.manifest import slot_name
+
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to single characters.
 TINY_WORDS = (
     "a an the of in like and with photo realistic painting cat dog baroque art style shape "
@@ -160,7 +162,7 @@ def make_tiny_images(
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
             draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        path = out_dir / f"{i:06d}.png"
+        path = out_dir / slot_name(i)
         img.save(path)
         paths.append(path)
     return paths

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dallm.cache import LatentCache, vae_identity
-from dallm.data import TeacherPriorDataset, collate
+from dallm.dataset import TeacherPriorDataset, collate
 from dallm.module import DallmModule
 from dallm.tiny import make_tiny_images
 
@@ -90,6 +91,7 @@ def test_text_cache_only_for_prompts_without_trainable_tokens(tiny_model_dir):
     assert trained._text_cache == {}
 
 
+@pytest.mark.slow
 def test_training_with_and_without_cache_ends_equal(tmp_path):
     from test_cli import fit, trainable
 

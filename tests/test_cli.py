@@ -89,6 +89,7 @@ def test_help_lists_documented_flags(capsys):
     assert "LoRA rank r" in out
 
 
+@pytest.mark.slow
 def test_fit_logs_checkpoints_and_exports(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -133,6 +134,7 @@ def test_fit_logs_checkpoints_and_exports(tmp_path):
     assert len((tmp_path / "prior" / "manifest.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_checkpoint_is_small(tmp_path):
     fit(tmp_path, "--model.rank", "1", steps=1, every=1)
     path = tmp_path / "logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
@@ -149,6 +151,7 @@ def test_checkpoint_is_small(tmp_path):
     assert path.stat().st_size < 0.10 * base_bytes
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     fit(tmp_path, steps=8, every=4, name="straight")
     fit(tmp_path, steps=4, every=4, name="resumed")
@@ -181,6 +184,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     assert "--ckpt_path last: no checkpoints/last.ckpt" in line
 
 
+@pytest.mark.slow
 def test_validate_subcommand_scores_a_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -210,6 +214,7 @@ def test_validate_subcommand_scores_a_checkpoint(tmp_path):
     assert events.Scalars("val/loss")[0].value == pytest.approx(fit_val, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_lr_scheduler_is_injected_and_stepped_per_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -251,6 +256,7 @@ def test_bad_input_fails_before_training(tmp_path, capsys, args, match):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_end_identical(tmp_path):
     probe = tmp_path / "probe.yaml"
     probe.write_text(

@@ -14,6 +14,7 @@ def scalars(run, tag):
     return [(e.step, e.value) for e in EventAccumulator(str(run)).Reload().Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_kid_logged_at_zero_every_n_and_end(tmp_path):
     fit(tmp_path, *KID, steps=5, every=5)
     run = tmp_path / "logs/run/version_0"
@@ -41,6 +42,7 @@ def test_kid_logged_at_zero_every_n_and_end(tmp_path):
     assert [h["step"] for h in history] == [0, 2, 4, 5]
 
 
+@pytest.mark.slow
 def test_kid_history_continues_after_resume(tmp_path):
     fit(tmp_path, *KID, steps=4, every=4)
     fit(tmp_path, *KID, "--ckpt_path", "last", steps=6, every=4)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dallm.cli import main
-from dallm.data import load_rgb
+from dallm.images import load_rgb
 from dallm.metrics import (
     INCEPTION_ENV,
     INCEPTION_FILE,
@@ -300,6 +300,7 @@ def test_dallm_kid_prints_one_json_object(capsys, image_sets):
     assert "dallm kid:" in err  # progress goes to stderr
 
 
+@pytest.mark.slow
 def test_dallm_kid_subprocess(image_sets):
     env = {
         **os.environ,

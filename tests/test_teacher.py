@@ -25,7 +25,8 @@ from dallm.cli import main
 from dallm.data import DallmDataModule
 from dallm.manifest import lock_directory, read_manifest, sha256_file
 from dallm.openai_teacher import backoff_seconds, retry_after_seconds
-from dallm.teacher import split_counts, teacher_main
+from dallm.teacher import teacher_main
+from dallm.teacher_dir import split_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-DALLM-0123456789-do-not-print"
@@ -351,6 +352,7 @@ def test_refused_before_any_request(api, tmp_path, capsys, monkeypatch):
     assert len(api.requests) == 1
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_asking_twice(api, tmp_path, capsys):
     """SIGKILL a real `python -m dallm teacher` mid-way, then run it again: exactly --n images."""
     api.delay = 0.25
@@ -491,3 +493,36 @@ def test_folder_backend_converts_odd_images_and_skips_a_corrupt_one(tmp_path, ca
     assert code == 0 and "nothing to do" in stdout
     code, _, stderr = teacher(capsys, *[a if a != PROMPT else "other" for a in args])
     assert code == 2 and "--prompt 'other'" in stderr
+
+
+def test_help_is_generated_from_the_signature_and_docstring(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        teacher_main(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "Collect teacher images into --out" in help_text and "Exit status: 0 when" in help_text
+    for flag in ("--backend", "--max_refusals", "--revision", "--variant", "--src", "--progress"):
+        assert flag in help_text
+    assert "stop after this many content-policy refusals" in " ".join(help_text.split())
+
+
+def test_flags_of_one_backend_are_refused_by_the_others(api, tmp_path, capsys):
+    out = tmp_path / "t"
+    base = openai_args(api, out, "dall-e-2", 2)
+    for bad, message in [
+        (["--revision", "main"], "--revision is for --backend diffusers only, not openai"),
+        (["--n", "0"], "--n must be >= 1, got 0"),
+        (["--max_backoff", "-1"], "--max_backoff must be >= 0"),
+    ]:
+        code, _, stderr = teacher(capsys, *base, *bad)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+    folder = ["--backend", "folder", "--src", str(tmp_path), "--out", str(out)]
+    code, _, stderr = teacher(capsys, *folder, "--size", "8x8")
+    assert code == 2 and "--size does not apply to --backend folder" in stderr
+    code, _, stderr = teacher(capsys, *folder, "--quality", "hd")
+    assert code == 2 and "--quality is for --backend openai only, not folder" in stderr
+    code, _, stderr = teacher(
+        capsys, "--backend", "diffusers", "--out", str(out), "--prompt", "p", "--n", "1"
+    )
+    assert code == 2 and "--model is required with --backend diffusers" in stderr
+    assert api.requests == [] and not out.exists()  # refused before anything was touched

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dallm.cli import main
@@ -18,6 +19,7 @@ STEPS = 150
 MAX_RATIO = 0.7
 
 
+@pytest.mark.slow
 def test_short_toy_run_moves_kid_toward_the_teacher(tmp_path):
     main(
         [
