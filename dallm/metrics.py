@@ -1,215 +1,52 @@
-"""Distances between image sets: KID (through torchmetrics) and CMMD, on pluggable image features.
+"""Distances between image sets: KID with its standard error, the relative KID test, and CMMD.
 
-    images in [0, 1] (N, 3, H, W) ──FeatureExtractor──► features (N, D) ──► kid_from_features / cmmd_from_features
+    image files ──dallm.features──► features (N, D) ──► kid_from_features / relative_kid_test / cmmd_from_features
 
-Feature extractors (`build_feature_extractor(spec)`, the `--feature` flag of `dallm kid`):
+KID is the unbiased MMD² with the cubic polynomial kernel (x·y/D + 1)³ of Bińkowski et al. 2018, over
+all pairs of the full sets (`kid_mean`; with equal sizes and one whole-set subset it is exactly
+torchmetrics' and torch-fidelity's KID). `kid_se` is its standard error over draws of the two samples,
+from the U-statistic variance (dallm.mmd); it is defined from 4 images a side, equal sizes or not.
+torchmetrics' `KernelInceptionDistance` still gives `kid_std`, the spread over random subsets, where
+subsets differ. `relative_kid_test` is the relative MMD test of Bounliphone et al. 2016: which of two
+generated sets is closer to the real one, with a one-sided p-value.
 
-    inception              torch-fidelity's Inception-v3 2048-d pool features (the KID of the literature)
-    clip:<hub id | dir>    CLIP image embeddings (`image_embeds` of CLIPVisionModelWithProjection)
-    toy                    the toy world's feature net (shipped with the toy world, dallm/toy)
-    module:<pkg.mod:fn>    fn() -> nn.Module mapping [0, 1] images (N, 3, H, W) to (N, D)
-
-KID is computed by torchmetrics' `KernelInceptionDistance` with an identity "feature network", so the
-estimator (unbiased MMD² with the cubic polynomial kernel, averaged over random subsets) is the
-library's, while the features come from whichever extractor the user picked. The subset size is capped
-at the smaller sample, so KID on 5-50 images neither crashes nor reports a meaningless std of 0.
-
-`python -m dallm kid REAL_DIR FAKE_DIR` (`kid_main`) prints one JSON object with the result.
+`python -m dallm kid REAL FAKE` (`kid_main`) prints one JSON object with KID and its SE;
+`python -m dallm kid REAL FAKE_A FAKE_B` runs the relative test.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import json
 import math
 import os
-import socket
 import sys
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from dallm.data import list_images, load_rgb
+from dallm.data import list_images
 
-FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
-
-# torch-fidelity's Inception-v3 (TF 2015-12-05 weights converted to PyTorch), as in its own URL_INCEPTION_V3.
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
-INCEPTION_ENV = "DALLM_INCEPTION_WEIGHTS"
-
-# OpenAI CLIP's normalisation, used when a model directory has no preprocessor_config.json.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-# ------------------------------------------------------------------------------------------- KID
-#
-# KID is the unbiased MMD² with the kernel k(x, y) = (x·y / D + 1)³, a sum of three U-statistics:
-#
-#     MMD²_u = U_rr + U_ff - 2 U_rf,   U_rr = Σ_{i≠j} k(r_i, r_j) / (m(m-1)),   U_rf = Σ_{i,j} k(r_i, f_j) / (mn).
-#
-# Its exact variance follows from the Hoeffding decomposition (Bińkowski et al. 2018, appendix;
-# Sutherland et al. 2017 for m = n): a first-order part (4/m) Var_r(h_rr(r) - h_rf(r)) + (4/n) Var_f(...),
-# with h_rf(r) = E_f k(r, f), which vanishes when real and fake have one distribution, and a
-# second-order part 2 E k̃_rr² / (m(m-1)) + 4 E k̃_rf² / (mn) + 2 E k̃_ff² / (n(n-1)), k̃ the kernel
-# centred in both arguments. Every kernel moment in it is estimated by a U-statistic over distinct
-# indices (unbiased at any m, n >= 4, equal or not). Each part is a variance, so each estimate is
-# clipped at 0: near MMD² = 0 the first-order estimate scatters around 0, and its positive part makes
-# the SE err on the safe side there (about +15% at n = 20, measured in tests/test_kid_stats.py).
-# All of it reduces to row/column sums of kernel blocks, accumulated over row chunks (memory
-# O(chunk · n)); leading batch dimensions are carried through, so a test can run many draws at once.
-
-_CHUNK = 2048  # rows of a kernel block held at once
-
-
-def _poly_kernel(a: Tensor, b: Tensor) -> Tensor:
-    """KID's kernel (a·b / D + 1)³, as torchmetrics' and torch-fidelity's: (..., len(a), len(b))."""
-    return (a @ b.transpose(-1, -2) / a.shape[-1] + 1.0) ** 3
-
-
-@dataclass(frozen=True)
-class _Within:
-    """Sums of the kernel block of one sample (..., m, D) with itself, diagonal excluded."""
-
-    row: Tensor  # (..., m) R_i = Σ_{j≠i} k(x_i, x_j)
-    sq: Tensor  # (...) Σ_{i≠j} k(x_i, x_j)²
-
-    @property
-    def m(self) -> int:
-        return self.row.shape[-1]
-
-    def mean(self) -> Tensor:
-        return self.row.sum(-1) / (self.m * (self.m - 1))
-
-    def moments(self) -> tuple[Tensor, Tensor]:
-        """(ζ1 = Var_x E_x' k(x, x'), E k̃(x, x')²), unbiased."""
-        m, s, q = self.m, self.row.sum(-1), self.sq
-        path = (self.row**2).sum(-1) - q  # Σ over distinct i, j, l of k(x_i, x_j) k(x_i, x_l)
-        four = s * s - 2 * q - 4 * path  # Σ over distinct i, j, k, l of k(x_i, x_j) k(x_k, x_l)
-        mu2 = four / (m * (m - 1) * (m - 2) * (m - 3))
-        zeta1 = path / (m * (m - 1) * (m - 2)) - mu2
-        zeta2 = q / (m * (m - 1)) - mu2  # Var k(x, x')
-        return zeta1, zeta2 - 2 * zeta1
-
-
-@dataclass(frozen=True)
-class _Between:
-    """Sums of the kernel block between two samples (..., m, D) and (..., n, D)."""
-
-    row: Tensor  # (..., m) Σ_j k(x_i, y_j)
-    col: Tensor  # (..., n) Σ_i k(x_i, y_j)
-    sq: Tensor  # (...) Σ_{i,j} k(x_i, y_j)²
-
-    def mean(self) -> Tensor:
-        return self.row.sum(-1) / (self.row.shape[-1] * self.col.shape[-1])
-
-    def moments(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(Var_x E_y k(x, y), Var_y E_x k(x, y), E k̃(x, y)²), unbiased."""
-        m, n, s, q = self.row.shape[-1], self.col.shape[-1], self.row.sum(-1), self.sq
-        rr, cc = (self.row**2).sum(-1), (self.col**2).sum(-1)
-        mu2 = (s * s - rr - cc + q) / (m * (m - 1) * n * (n - 1))
-        z_row = (rr - q) / (m * n * (n - 1)) - mu2
-        z_col = (cc - q) / (m * (m - 1) * n) - mu2
-        z_k = q / (m * n) - mu2  # Var k(x, y)
-        return z_row, z_col, z_k - z_row - z_col
-
-
-def _cov_shared(w: _Within, sums: Tensor, n: int) -> Tensor:
-    """Cov_x(E_x' k(x, x'), E_y k(x, y)), unbiased; `sums` (..., m) are Σ_y k(x_i, y) over n y's."""
-    m = w.m
-    shared = (w.row * sums).sum(-1)
-    rest = w.row.sum(-1) * sums.sum(-1) - 2 * shared  # Σ over distinct i, j, l and any y
-    return shared / (m * (m - 1) * n) - rest / (m * (m - 1) * (m - 2) * n)
-
-
-def _cov_rows(a: _Between, b: _Between) -> Tensor:
-    """Cov_r(E_a k(r, a), E_b k(r, b)) of two blocks sharing their rows r, unbiased."""
-    m, na, nb = a.row.shape[-1], a.col.shape[-1], b.col.shape[-1]
-    shared = (a.row * b.row).sum(-1)
-    rest = a.row.sum(-1) * b.row.sum(-1) - shared
-    return shared / (m * na * nb) - rest / (m * (m - 1) * na * nb)
-
-
-def _within(x: Tensor) -> _Within:
-    m = x.shape[-2]
-    row, sq = x.new_zeros(x.shape[:-1]), x.new_zeros(x.shape[:-2])
-    for i in range(0, m, _CHUNK):
-        k = _poly_kernel(x[..., i : i + _CHUNK, :], x)  # (..., chunk, m)
-        c = k.shape[-2]
-        k[..., torch.arange(c), torch.arange(i, i + c)] = 0.0  # drop k(x_i, x_i)
-        row[..., i : i + c] = k.sum(-1)
-        sq += (k * k).sum((-1, -2))
-    return _Within(row, sq)
-
-
-def _between(x: Tensor, y: Tensor) -> _Between:
-    row, col, sq = x.new_zeros(x.shape[:-1]), y.new_zeros(y.shape[:-1]), x.new_zeros(x.shape[:-2])
-    for i in range(0, x.shape[-2], _CHUNK):
-        k = _poly_kernel(x[..., i : i + _CHUNK, :], y)  # (..., chunk, n)
-        row[..., i : i + k.shape[-2]] = k.sum(-1)
-        col += k.sum(-2)
-        sq += (k * k).sum((-1, -2))
-    return _Between(row, col, sq)
-
-
-def _pos(t: Tensor) -> Tensor:
-    return t.clamp(min=0.0)
-
-
-def mmd2_with_variance(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
-    """Unbiased MMD² with KID's kernel, and the estimate of its variance, for real (..., m, D), fake (..., n, D).
-
-    Float64 throughout; leading dimensions are batch dimensions (independent draws). The variance needs
-    m, n >= 4 (it is NaN below). Returns (mmd2 (...), var (...)).
-    """
-    r, f = real.to(torch.float64), fake.to(torch.float64)
-    m, n = r.shape[-2], f.shape[-2]
-    rr, ff, rf = _within(r), _within(f), _between(r, f)
-    mmd2 = rr.mean() + ff.mean() - 2 * rf.mean()
-    if min(m, n) < 4:
-        return mmd2, torch.full_like(mmd2, float("nan"))
-    z_r, d_r = rr.moments()
-    z_f, d_f = ff.moments()
-    z_row, z_col, d_rf = rf.moments()
-    first = 4 * (z_r + z_row - 2 * _cov_shared(rr, rf.row, n)) / m  # (4/m) Var_r(h_rr(r) - h_rf(r))
-    first = first + 4 * (z_f + z_col - 2 * _cov_shared(ff, rf.col, m)) / n
-    second = 2 * _pos(d_r) / (m * (m - 1)) + 4 * _pos(d_rf) / (m * n) + 2 * _pos(d_f) / (n * (n - 1))
-    return mmd2, second + _pos(first)
-
-
-def mmd2_difference_with_variance(real: Tensor, fake_a: Tensor, fake_b: Tensor) -> tuple[Tensor, Tensor]:
-    """MMD²_u(real, a) - MMD²_u(real, b) and the estimate of its variance (Bounliphone et al. 2016).
-
-    The two statistics share `real`: U_rr cancels from the difference and the covariance of U_ra and U_rb
-    through the shared real samples enters the first-order part, (4/m) Var_r(h_ra(r) - h_rb(r)).
-    Shapes (..., m, D), (..., na, D), (..., nb, D); every side needs >= 4 samples (else NaN variance).
-    """
-    r, a, b = (t.to(torch.float64) for t in (real, fake_a, fake_b))
-    m, na, nb = r.shape[-2], a.shape[-2], b.shape[-2]
-    aa, bb, ra, rb = _within(a), _within(b), _between(r, a), _between(r, b)
-    diff = (aa.mean() - 2 * ra.mean()) - (bb.mean() - 2 * rb.mean())
-    if min(m, na, nb) < 4:
-        return diff, torch.full_like(diff, float("nan"))
-    z_a, d_a = aa.moments()
-    z_b, d_b = bb.moments()
-    za_row, za_col, d_ra = ra.moments()
-    zb_row, zb_col, d_rb = rb.moments()
-    first = 4 * (za_row + zb_row - 2 * _cov_rows(ra, rb)) / m
-    first = first + 4 * (z_a + za_col - 2 * _cov_shared(aa, ra.col, m)) / na
-    first = first + 4 * (z_b + zb_col - 2 * _cov_shared(bb, rb.col, m)) / nb
-    second = 2 * _pos(d_a) / (na * (na - 1)) + 4 * _pos(d_ra) / (m * na)
-    second = second + 2 * _pos(d_b) / (nb * (nb - 1)) + 4 * _pos(d_rb) / (m * nb)
-    return diff, second + _pos(first)
+# Re-exported: the KID callback, scripts and tests import the extractors from here.
+from dallm.features import (  # noqa: F401
+    FEATURE_FORMS,
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    FeatureExtractor,
+    build_feature_extractor,
+    features_of_dir,
+    features_of_images,
+    features_of_paths,
+    images_to_tensor,
+    resolve_inception_weights,
+)
+from dallm.mmd import mmd2_difference_with_variance, mmd2_with_variance
 
 
 @dataclass
@@ -403,277 +240,12 @@ def cmmd_from_features(real: Tensor, fake: Tensor, sigma: float = 10.0, scale: f
     return float(scale * (mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y)))
 
 
-# ------------------------------------------------------------------------------ feature extractors
+# ------------------------------------------------------------------------------------------ dirs
 
 
-class FeatureExtractor(nn.Module):
-    """Maps float images in [0, 1], (N, 3, H, W) with any H, W, to (N, D) float32 features.
-
-    Subclasses implement `extract`; `forward` runs it without gradients. `name` identifies the features
-    in logs and in `dallm kid`'s output.
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the first parameter or buffer (the CPU for a parameter-free extractor)."""
-        t = next(iter(list(self.parameters()) + list(self.buffers())), None)
-        return t.device if t is not None else torch.device("cpu")
-
-    def extract(self, images: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.name}: expected images (N, 3, H, W), got shape {tuple(images.shape)}")
-        return self.extract(images.to(self.device, torch.float32)).float()
-
-
-class InceptionFeatures(FeatureExtractor):
-    """torch-fidelity's Inception-v3 (`inception-v3-compat`), 2048-d pool features."""
-
-    def __init__(self, weights_path: str) -> None:
-        super().__init__("inception")
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.net = FeatureExtractorInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
-        )
-
-    def extract(self, images: Tensor) -> Tensor:
-        # The TF graph this mirrors takes 8-bit images and resizes them to 299x299 itself.
-        uint8 = (images * 255.0).round().clamp(0, 255).to(torch.uint8)
-        return self.net(uint8)[0]  # (N, 2048)
-
-
-def _offline() -> bool:
-    return any(
-        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def resolve_inception_weights(weights: str | None = None) -> str:
-    """Path of the Inception-v3 weights: `weights`, else $DALLM_INCEPTION_WEIGHTS, else torch's hub cache.
-
-    A missing cache file is downloaded when online (30 s socket timeout), never when HF_HUB_OFFLINE or
-    TRANSFORMERS_OFFLINE is set, so an offline machine fails at once with a message naming the file.
-    """
-    for source, value in (("--weights", weights), (INCEPTION_ENV, os.environ.get(INCEPTION_ENV))):
-        if value:
-            if not Path(value).is_file():
-                raise FileNotFoundError(f"{source}: Inception weights file {value} does not exist")
-            return value
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if cached.is_file():
-        return str(cached)
-    need = (
-        f"--feature inception needs the Inception-v3 weights file {INCEPTION_FILE} ({INCEPTION_URL}): "
-        f"download it and pass --weights PATH or set {INCEPTION_ENV}=PATH (or put it at {cached})"
-    )
-    if _offline():
-        raise FileNotFoundError(f"{need}; offline (HF_HUB_OFFLINE), so it is not downloaded")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # torch.hub's urlopen has no timeout of its own: a dead network would hang
-    try:
-        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=False)
-    except Exception as err:  # URLError, timeouts, HTTP errors: all mean "get the file yourself"
-        raise FileNotFoundError(f"{need}; the download failed: {err}") from err
-    finally:
-        socket.setdefaulttimeout(previous)
-    return str(cached)
-
-
-def _clip_preprocessor_stats(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) from the model's preprocessor_config.json (a local dir or the hub cache), else CLIP's."""
-    path: Path | None = Path(source) / "preprocessor_config.json"
-    if not Path(source).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(source, "preprocessor_config.json"))
-        except Exception:  # no such file, or offline without it in the cache: standard CLIP stats
-            path = None
-    if path is None or not path.is_file():
-        return CLIP_MEAN, CLIP_STD
-    cfg = json.loads(path.read_text())
-    return tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
-
-
-class ClipFeatures(FeatureExtractor):
-    """`image_embeds` of a transformers CLIPVisionModelWithProjection, with CLIP's preprocessing in torch."""
-
-    def __init__(self, source: str) -> None:
-        super().__init__(f"clip:{source}")
-        from transformers import CLIPVisionModelWithProjection
-
-        try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--feature clip:{source}: cannot load a CLIP vision model: {err}") from err
-        self.model.eval()
-        self.image_size = int(self.model.config.image_size)
-        mean, std = _clip_preprocessor_stats(source)
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """Shortest side -> image_size (bicubic, antialiased), centre crop, normalise: (N, 3, S, S)."""
-        s = self.image_size
-        h, w = images.shape[-2:]
-        scale = s / min(h, w)
-        size = (max(s, round(h * scale)), max(s, round(w * scale)))
-        if size != (h, w):
-            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
-            images = images.clamp(0.0, 1.0)  # bicubic overshoots; the PIL path CLIP was trained with clips
-        top, left = (size[0] - s) // 2, (size[1] - s) // 2
-        images = images[..., top : top + s, left : left + s]
-        return (images - self.mean) / self.std
-
-    def extract(self, images: Tensor) -> Tensor:
-        return self.model(pixel_values=self.preprocess(images)).image_embeds  # (N, projection_dim)
-
-
-class ModuleFeatures(FeatureExtractor):
-    """A user's nn.Module mapping [0, 1] images to (N, D); its output shape is checked on every call."""
-
-    def __init__(self, net: nn.Module, name: str) -> None:
-        super().__init__(name)
-        if not isinstance(net, nn.Module):
-            raise ValueError(f"--feature {name}: expected an nn.Module, got {type(net).__name__}")
-        self.net = net.eval()
-
-    def extract(self, images: Tensor) -> Tensor:
-        out = self.net(images)
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"--feature {self.name}: the module must map images (N, 3, H, W) to features (N, D); "
-                f"for N={images.shape[0]} it returned {got}"
-            )
-        return out
-
-
-def _load_toy_feature_net() -> nn.Module:
-    """The toy world's feature net (dallm/toy/features.py, weights in the package's toy assets)."""
-    from dallm.toy.features import load_feature_net
-
-    return load_feature_net()
-
-
-def _import_callable(target: str) -> Any:
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--feature module:{target}: expected module:<package.module:callable>")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"--feature module:{target}: cannot import {module_name}: {err}") from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--feature module:{target}: {module_name} has no attribute {attr}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"--feature module:{target}: {attr} is not callable")
-    return obj
-
-
-def build_feature_extractor(spec: str, weights: str | None = None, device: str = "cpu") -> FeatureExtractor:
-    """The feature extractor named by `spec` (see the module docstring), in eval mode on `device`.
-
-    `weights` is the Inception weights file (`--weights`); other specs must not be given one.
-    """
-    if weights is not None and spec != "inception":
-        raise ValueError(f"--weights is only for --feature inception, not {spec}")
-    if spec == "inception":
-        extractor: FeatureExtractor = InceptionFeatures(resolve_inception_weights(weights))
-    elif spec.startswith("clip:") and spec[5:]:
-        extractor = ClipFeatures(spec[5:])
-    elif spec == "toy":
-        extractor = ModuleFeatures(_load_toy_feature_net(), "toy")
-    elif spec.startswith("module:") and spec[7:]:
-        extractor = ModuleFeatures(_import_callable(spec[7:])(), spec)
-    else:
-        raise ValueError(f"--feature: unknown feature {spec!r}; valid forms: {FEATURE_FORMS}")
-    return extractor.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-def _stack(images: Sequence[Image.Image], size: int | tuple[int, int] | None) -> Tensor:
-    """RGB PIL images -> (N, 3, H, W) float in [0, 1]; resized (bicubic) to `size` or the first's size."""
-    if isinstance(size, int):
-        size = (size, size)
-    h, w = size if size is not None else (images[0].height, images[0].width)
-    arrays = []
-    for im in images:
-        im = im.convert("RGB")
-        if (im.height, im.width) != (h, w):
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
-        arrays.append(torch.from_numpy(np.array(im, dtype=np.uint8)))  # (H, W, 3)
-    return torch.stack(arrays).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
-
-
-def images_to_tensor(paths: Sequence[str | Path], size: int | tuple[int, int] | None = None) -> Tensor:
-    """Decode image files into (N, 3, H, W) floats in [0, 1].
-
-    Images of different sizes are resized to `size` ((H, W) or a square side) or else to the first
-    image's size, so they stack; the extractors resize to their own input size anyway.
-
-    Raises:
-        ValueError: naming a corrupt or unreadable file.
-    """
-    if not paths:
-        raise ValueError("images_to_tensor: no image paths given")
-    return _stack([load_rgb(p) for p in paths], size)
-
-
-def features_of_images(
-    images: Sequence[Image.Image] | Tensor, extractor: FeatureExtractor, batch_size: int = 32
-) -> Tensor:
-    """Features (N, D) float32 on the CPU of PIL images or an (N, 3, H, W) tensor in [0, 1], in batches."""
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    extractor.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        batch = chunk if isinstance(chunk, Tensor) else _stack(list(chunk), None)
-        out.append(extractor(batch).cpu())
-    if not out:
-        raise ValueError("features_of_images: no images given")
-    return torch.cat(out)
-
-
-def features_of_dir(
-    directory: str | Path, extractor: FeatureExtractor, batch_size: int = 32, flag: str = "directory"
-) -> Tensor:
-    """Features (N, D) of the images directly inside `directory`, decoded one batch at a time.
-
-    `flag` names the directory's CLI flag or argument in errors (missing, empty, corrupt file).
-    """
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    paths = list_images(directory, flag)
-    return torch.cat(
-        [
-            features_of_images(images_to_tensor(paths[i : i + batch_size]), extractor, batch_size)
-            for i in range(0, len(paths), batch_size)
-        ]
-    )
-
-
-def check_kid_dirs(real_dir: str | Path, fake_dir: str | Path) -> None:
-    """Raise, naming REAL_DIR / FAKE_DIR, unless both directories hold at least 2 images."""
-    for flag, d in (("REAL_DIR", real_dir), ("FAKE_DIR", fake_dir)):
+def check_kid_dirs(**dirs: str | Path) -> None:
+    """Raise, naming the argument (REAL_DIR, FAKE_DIR, ...), unless every directory holds at least 2 images."""
+    for flag, d in dirs.items():
         n = len(list_images(d, flag))
         if n < 2:
             raise ValueError(f"{flag}: KID needs at least 2 images, {d} has {n}")
@@ -688,79 +260,121 @@ def kid_of_dirs(
     seed: int = 0,
     batch_size: int = 32,
 ) -> KIDResult:
-    """KID between the images of two directories (the work of `dallm kid`)."""
-    check_kid_dirs(real_dir, fake_dir)  # a missing or too-small directory fails before any decoding
+    """KID between the images of two directories (the work of `dallm kid REAL FAKE`)."""
+    check_kid_dirs(REAL_DIR=real_dir, FAKE_DIR=fake_dir)  # a missing or small directory fails before decoding
     real = features_of_dir(real_dir, extractor, batch_size, "REAL_DIR")
     fake = features_of_dir(fake_dir, extractor, batch_size, "FAKE_DIR")
     return kid_from_features(real, fake, subset_size=subset_size, subsets=subsets, seed=seed)
 
 
+def relative_kid_of_dirs(
+    real_dir: str | Path,
+    a_dir: str | Path,
+    b_dir: str | Path,
+    extractor: FeatureExtractor,
+    batch_size: int = 32,
+) -> RelativeKIDResult:
+    """The relative KID test between the images of three directories (`dallm kid REAL FAKE_A FAKE_B`)."""
+    check_kid_dirs(REAL_DIR=real_dir, FAKE_DIR=a_dir, FAKE_B_DIR=b_dir)
+    real = features_of_dir(real_dir, extractor, batch_size, "REAL_DIR")
+    a = features_of_dir(a_dir, extractor, batch_size, "FAKE_DIR")
+    b = features_of_dir(b_dir, extractor, batch_size, "FAKE_B_DIR")
+    return relative_kid_test(real, a, b)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _kid_parser():
+def kid(
+    real_dir: str,
+    fake_dir: str,
+    fake_b_dir: str | None = None,
+    feature: str = "inception",
+    weights: str | None = None,
+    subset_size: int = 1000,
+    subsets: int = 100,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """KID between image folders; prints one JSON object on stdout, progress on stderr.
+
+    `dallm kid REAL_DIR FAKE_DIR`: KID (kid_mean, the unbiased MMD² over all pairs) with its standard
+    error kid_se, which covers the draw of these images only: not the choice of sampling seeds, nor a
+    different run. `dallm kid REAL_DIR FAKE_DIR FAKE_B_DIR`: the relative KID test (Bounliphone et al.
+    2016): KID of each against REAL (kid_a, kid_b), diff = kid_a - kid_b with diff_se, and p_value, the
+    one-sided p-value that FAKE_DIR (A) is closer to REAL_DIR than FAKE_B_DIR (B) is. Each image is
+    decoded and resized on its own to the feature extractor's input. Bad input prints one line
+    `dallm kid: error: ...` and exits with status 2.
+
+    Args:
+        real_dir: Directory of reference (teacher) images.
+        fake_dir: Directory of generated images (A in the relative test).
+        fake_b_dir: A second directory of generated images (B): runs the relative test A vs B.
+        feature: Feature extractor: inception | clip:<hub id or local dir> | toy | module:<package.module:callable>.
+        weights: Inception weights file (default: $DALLM_INCEPTION_WEIGHTS, then torch's hub cache).
+        subset_size: Images per KID subset for kid_std, capped at the smaller set.
+        subsets: Number of random subsets for kid_std.
+        seed: Seed of the subset draws.
+        batch_size: Images per feature-extractor batch (and decoded at once).
+        device: Device of the feature extractor: cpu, cuda, ...
+
+    Returns:
+        The JSON object printed: KIDResult's fields (or RelativeKIDResult's) and "feature".
+    """
+    for flag, value, low in (
+        ("subsets", subsets, 1),
+        ("batch_size", batch_size, 1),
+        ("subset_size", subset_size, 2),
+    ):
+        if value < low:
+            raise ValueError(f"--{flag} must be >= {low}, got {value}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available")
+    dirs = {"REAL_DIR": real_dir, "FAKE_DIR": fake_dir}
+    if fake_b_dir is not None:
+        dirs["FAKE_B_DIR"] = fake_b_dir
+    check_kid_dirs(**dirs)  # before loading a model: bad paths fail in a second
+    print(f"dallm kid: loading feature extractor {feature}", file=sys.stderr, flush=True)
+    extractor = build_feature_extractor(feature, weights, str(dev))
+    print(f"dallm kid: features of {', '.join(map(str, dirs.values()))}", file=sys.stderr, flush=True)
+    if fake_b_dir is None:
+        out = kid_of_dirs(real_dir, fake_dir, extractor, subset_size, subsets, seed, batch_size).to_dict()
+    else:
+        out = relative_kid_of_dirs(real_dir, fake_dir, fake_b_dir, extractor, batch_size).to_dict()
+    note = out.pop("note")
+    return {**out, "feature": extractor.name, "note": note}
+
+
+def kid_parser():
+    """The `dallm kid` parser, generated from `kid`'s signature and docstring (folders are positional)."""
+    from docstring_parser import parse
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(
-        prog="dallm kid",
-        description="KID between two image folders; prints one JSON object on stdout.",
-    )
-    parser.add_argument("real_dir", type=str, help="Directory of reference (teacher) images.")
-    parser.add_argument("fake_dir", type=str, help="Directory of generated images.")
-    parser.add_argument(
-        "--feature", type=str, default="inception", help=f"Feature extractor: {FEATURE_FORMS}."
-    )
-    parser.add_argument(
-        "--weights",
-        type=str | None,
-        default=None,
-        help=f"Inception weights file {INCEPTION_FILE} (default: ${INCEPTION_ENV}, then torch's hub cache).",
-    )
-    parser.add_argument(
-        "--subset_size", type=int, default=1000, help="Images per KID subset; capped at the smaller set."
-    )
-    parser.add_argument("--subsets", type=int, default=100, help="Number of random subsets (mean and std).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the subset draws.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per feature-extractor batch.")
-    parser.add_argument(
-        "--device", type=str, default="cpu", help="Device of the feature extractor: cpu, cuda, ..."
-    )
+    doc = inspect.cleandoc(kid.__doc__ or "")
+    params = {p.arg_name: p.description for p in parse(doc).params}
+    parser = ArgumentParser(prog="dallm kid", description=doc.split("\nArgs:")[0].strip())
+    parser.add_argument("real_dir", type=str, help=params["real_dir"])
+    parser.add_argument("fake_dir", type=str, help=params["fake_dir"])
+    parser.add_argument("fake_b_dir", nargs="?", type=str | None, default=None, help=params["fake_b_dir"])
+    parser.add_function_arguments(kid, as_group=False, skip={"real_dir", "fake_dir", "fake_b_dir"})
     return parser
 
 
 def kid_main(argv: list[str]) -> int:
-    """`dallm kid REAL_DIR FAKE_DIR [...]`: one JSON object on stdout, progress on stderr; returns 0.
-
-    Bad input (missing or empty directory, corrupt image, unknown feature, too few images, missing
-    weights) prints one line `dallm kid: error: ...` on stderr and returns 2.
-    """
-    cfg = _kid_parser().parse_args(argv)  # usage errors: jsonargparse prints them and exits 2
+    """`dallm kid ...`: parse `argv`, run `kid`, print its JSON; errors become one line and status 2."""
+    cfg = kid_parser().parse_args(argv)  # usage errors: jsonargparse prints them and exits 2
     try:
-        for flag in ("subsets", "batch_size"):
-            if cfg[flag] < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {cfg[flag]}")
-        if cfg.subset_size < 2:
-            raise ValueError(f"--subset_size must be >= 2, got {cfg.subset_size}")
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError as err:
-            raise ValueError(f"--device: {err}") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available")
-        check_kid_dirs(cfg.real_dir, cfg.fake_dir)  # before loading a model: bad paths fail in a second
-        print(f"dallm kid: loading feature extractor {cfg.feature}", file=sys.stderr, flush=True)
-        extractor = build_feature_extractor(cfg.feature, cfg.weights, str(device))
-        print(f"dallm kid: features of {cfg.real_dir} and {cfg.fake_dir}", file=sys.stderr, flush=True)
-        result = kid_of_dirs(
-            cfg.real_dir, cfg.fake_dir, extractor, cfg.subset_size, cfg.subsets, cfg.seed, cfg.batch_size
-        )
+        result = kid(**{k: v for k, v in cfg.as_dict().items() if k != "config"})
     except (ValueError, OSError) as err:  # OSError covers FileNotFoundError / NotADirectoryError
         if os.environ.get("DALLM_TRACEBACK"):
             raise
         message = " ".join(str(err).split())  # one line, whatever the library's message looked like
         print(f"dallm kid: error: {message}", file=sys.stderr)
         return 2
-    out = result.to_dict()
-    note = out.pop("note")
-    print(json.dumps({**out, "feature": extractor.name, "note": note}))
+    print(json.dumps(result))
     return 0

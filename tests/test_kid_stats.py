@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dallm import metrics
+from dallm import mmd
 from dallm.metrics import (
     kid_from_features,
     mmd2_difference_with_variance,
@@ -98,9 +98,9 @@ def test_chunked_kernel_sums_equal_the_whole_block(monkeypatch):
     g = torch.Generator().manual_seed(3)
     r, a, b = (torch.randn(n, D, generator=g, dtype=torch.float64) for n in (23, 17, 31))
     whole = mmd2_with_variance(r, a), mmd2_difference_with_variance(r, a, b)
-    monkeypatch.setattr(metrics, "_CHUNK", 5)  # 23 rows in chunks of 5, last one short
+    monkeypatch.setattr(mmd, "_CHUNK", 5)  # 23 rows in chunks of 5, last one short
     chunked = mmd2_with_variance(r, a), mmd2_difference_with_variance(r, a, b)
-    for w, c in zip(whole, chunked):
+    for w, c in zip(whole, chunked, strict=True):
         assert torch.allclose(torch.stack(w), torch.stack(c), rtol=1e-12, atol=0)
 
 
@@ -120,17 +120,25 @@ def test_relative_test_is_calibrated_when_a_and_b_are_one_distribution(n_a, n_b,
     # Both models equally far from REAL (shift 0.3), or both exactly REAL's distribution (shift 0).
     g = torch.Generator().manual_seed(5 + n_a)
     real = gaussians(g, DRAWS, 20, 0.0)
-    diff, var = mmd2_difference_with_variance(real, gaussians(g, DRAWS, n_a, shift), gaussians(g, DRAWS, n_b, shift))
+    diff, var = mmd2_difference_with_variance(
+        real, gaussians(g, DRAWS, n_a, shift), gaussians(g, DRAWS, n_b, shift)
+    )
     p = normal_cdf(diff / var.sqrt())
     false_positive = float((p < 0.05).double().mean())
     assert 0.015 <= false_positive <= 0.10, false_positive
     quartiles = torch.quantile(p, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    assert torch.allclose(quartiles, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), atol=0.06), quartiles
+    assert torch.allclose(quartiles, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), atol=0.06), (
+        quartiles
+    )
 
 
 def test_relative_kid_test_result_is_consistent_and_antisymmetric():
     g = torch.Generator().manual_seed(6)
-    real, a, b = torch.randn(20, D, generator=g), torch.randn(50, D, generator=g), torch.randn(20, D, generator=g)
+    real, a, b = (
+        torch.randn(20, D, generator=g),
+        torch.randn(50, D, generator=g),
+        torch.randn(20, D, generator=g),
+    )
     b = b + 0.5
     ab, ba = relative_kid_test(real, a, b), relative_kid_test(real, b, a)
     assert ab.kid_a == pytest.approx(kid_from_features(real, a).kid_mean, rel=1e-12)
