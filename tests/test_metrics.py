@@ -34,6 +34,8 @@ from dallm.tiny import make_tiny_images
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE = "module:feature_nets:make_feature_net"  # tests/feature_nets.py; tests/ is on sys.path
 KEYS = {"kid_mean", "kid_se", "kid_std", "n_real", "n_fake", "subset_size", "subsets", "feature", "note"}
+RELATIVE_KEYS = {"kid_a", "kid_a_se", "kid_b", "kid_b_se", "diff", "diff_se", "z", "p_value"}
+RELATIVE_KEYS |= {"n_real", "n_a", "n_b", "feature", "note"}
 
 
 def kid_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -315,6 +317,41 @@ def test_dallm_kid_prints_one_json_object(capsys, image_sets):
     assert result["kid_std"] is None and "whole set" in result["note"]
     assert result["feature"] == FEATURE and result["kid_mean"] > 0.01
     assert "dallm kid:" in err  # progress goes to stderr
+
+
+def test_dallm_kid_prints_kid_se(capsys, image_sets):
+    code, out, _ = kid_cli(capsys, str(image_sets["dark_a"]), str(image_sets["light"]), "--feature", FEATURE)
+    result = json.loads(out)
+    assert code == 0 and result["kid_se"] is not None and 0 < result["kid_se"] < result["kid_mean"]
+
+
+def test_dallm_kid_with_two_fake_folders_runs_the_relative_test(capsys, image_sets):
+    real, near, far = (str(image_sets[k]) for k in ("dark_a", "dark_b", "light"))
+    code, out, err = kid_cli(capsys, real, near, far, "--feature", FEATURE)
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == RELATIVE_KEYS
+    assert (result["n_real"], result["n_a"], result["n_b"]) == (20, 20, 20)
+    assert result["diff"] == pytest.approx(result["kid_a"] - result["kid_b"])
+    assert result["diff"] < 0 and result["p_value"] < 0.01  # the other half of the dark set is closer
+    code, out, _ = kid_cli(capsys, real, far, near, "--feature", FEATURE)
+    assert code == 0 and json.loads(out)["p_value"] > 0.99
+    code, out, err = kid_cli(capsys, real, near, str(image_sets["dark_a"] / "missing"), "--feature", FEATURE)
+    assert code == 2 and out == "" and "FAKE_B_DIR: directory" in err.strip().splitlines()[-1]
+
+
+def test_dallm_kid_help_comes_from_the_docstring(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["kid", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for text in (
+        "relative KID test",
+        "fake_b_dir",
+        "A second directory of generated images",
+        "--subset_size",
+    ):
+        assert text in out, text
 
 
 def test_dallm_kid_subprocess(image_sets):
