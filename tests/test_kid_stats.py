@@ -77,6 +77,26 @@ def test_kid_se_matches_the_spread_over_independent_draws(n_real, n_fake, shift)
     assert 0.8 < ratio < 1.2, ratio
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_kid_se_at_five_images_a_side_errs_on_the_safe_side(shift):
+    g = torch.Generator().manual_seed(50 + int(shift * 10))
+    kid, var = mmd2_with_variance(gaussians(g, 4 * DRAWS, 5, 0.0), gaussians(g, 4 * DRAWS, 5, shift))
+    ratio = float(var.sqrt().mean() / kid.std())
+    assert 0.9 < ratio < 1.3, ratio  # measured 1.19 (shift 0) and 1.06 (shift 0.3)
+
+
+def test_kid_mean_equals_torchmetrics_on_equal_sizes():
+    from torchmetrics.image.kid import poly_mmd
+
+    g = torch.Generator().manual_seed(7)
+    real, fake = (
+        torch.randn(30, D, generator=g, dtype=torch.float64),
+        torch.randn(30, D, generator=g, dtype=torch.float64),
+    )
+    fake = fake * 1.2 + 0.1
+    assert kid_from_features(real, fake).kid_mean == pytest.approx(float(poly_mmd(real, fake)), rel=1e-12)
+
+
 def test_kid_from_features_reports_the_se_of_the_batched_math():
     g = torch.Generator().manual_seed(2)
     real, fake = torch.randn(20, D, generator=g), torch.randn(100, D, generator=g) + 0.2
