@@ -198,15 +198,17 @@ class KIDCallback(pl.Callback):
         """Features of the teacher (train, val) and class images, computed once per fit."""
         if self._reference:
             return self._reference
-        from dallm.metrics import images_to_tensor
+        from dallm.metrics import features_of_paths
 
         dm = trainer.datamodule
         sets = {"train": dm.train_teacher_paths, "val": dm.val_teacher_paths}
         if dm.with_prior_preservation:
             sets["prior"] = dm.prior_paths
+        self._extractor.to(pl_module.device)
         for name, paths in sets.items():
-            if len(paths) >= 2:
-                self._reference[name] = self.features(images_to_tensor(paths), pl_module.device)
+            if len(paths) >= 2:  # each file decoded and resized on its own, as the extractor expects
+                feats = features_of_paths(paths, self._extractor, self.feature_batch_size)
+                self._reference[name] = feats.float().cpu()
         return self._reference
 
     def sample_scheduler(self, pl_module):

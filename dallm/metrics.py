@@ -1,68 +1,68 @@
-"""Distances between image sets: KID (through torchmetrics) and CMMD, on pluggable image features.
+"""Distances between image sets: KID with its standard error, the relative KID test, and CMMD.
 
-    images in [0, 1] (N, 3, H, W) ──FeatureExtractor──► features (N, D) ──► kid_from_features / cmmd_from_features
+    image files ──dallm.features──► features (N, D) ──► kid_from_features / relative_kid_test / cmmd_from_features
 
-Feature extractors (`build_feature_extractor(spec)`, the `--feature` flag of `dallm kid`):
+KID is the unbiased MMD² with the cubic polynomial kernel (x·y/D + 1)³ of Bińkowski et al. 2018, over
+all pairs of the full sets (`kid_mean`; with equal sizes and one whole-set subset it is exactly
+torchmetrics' and torch-fidelity's KID). `kid_se` is its standard error over draws of the two samples,
+from the U-statistic variance (dallm.mmd); it is defined from 4 images a side, equal sizes or not.
+torchmetrics' `KernelInceptionDistance` still gives `kid_std`, the spread over random subsets, where
+subsets differ. `relative_kid_test` is the relative MMD test of Bounliphone et al. 2016: which of two
+generated sets is closer to the real one, with a one-sided p-value.
 
-    inception              torch-fidelity's Inception-v3 2048-d pool features (the KID of the literature)
-    clip:<hub id | dir>    CLIP image embeddings (`image_embeds` of CLIPVisionModelWithProjection)
-    toy                    the toy world's feature net (shipped with the toy world, dallm/toy)
-    module:<pkg.mod:fn>    fn() -> nn.Module mapping [0, 1] images (N, 3, H, W) to (N, D)
-
-KID is computed by torchmetrics' `KernelInceptionDistance` with an identity "feature network", so the
-estimator (unbiased MMD² with the cubic polynomial kernel, averaged over random subsets) is the
-library's, while the features come from whichever extractor the user picked. The subset size is capped
-at the smaller sample, so KID on 5-50 images neither crashes nor reports a meaningless std of 0.
-
-`python -m dallm kid REAL_DIR FAKE_DIR` (`kid_main`) prints one JSON object with the result.
+`python -m dallm kid REAL FAKE` (`kid_main`) prints one JSON object with KID and its SE;
+`python -m dallm kid REAL FAKE_A FAKE_B` runs the relative test.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import json
+import math
 import os
-import socket
 import sys
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from dallm.images import list_images, load_rgb
+from dallm.images import list_images
 
-FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
-
-# torch-fidelity's Inception-v3 (TF 2015-12-05 weights converted to PyTorch), as in its own URL_INCEPTION_V3.
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
-INCEPTION_ENV = "DALLM_INCEPTION_WEIGHTS"
-
-# OpenAI CLIP's normalisation, used when a model directory has no preprocessor_config.json.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-# ------------------------------------------------------------------------------------------- KID
+# Re-exported: the KID callback, scripts and tests import the extractors from here.
+from dallm.features import (  # noqa: F401
+    FEATURE_FORMS,
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    FeatureExtractor,
+    build_feature_extractor,
+    features_of_dir,
+    features_of_images,
+    features_of_paths,
+    images_to_tensor,
+    resolve_inception_weights,
+)
+from dallm.mmd import mmd2_difference_with_variance, mmd2_with_variance
 
 
 @dataclass
 class KIDResult:
-    """KID between two feature sets, with what it was computed from.
+    """KID between two feature sets, its standard error, and what it was computed from.
 
-    `kid_std` is None when it is undefined (every subset is the whole set, or a single subset); `note`
-    says why, and mentions a subset size capped at the smaller sample.
+    `kid_mean` is the unbiased MMD² over all pairs of the full sets (for equal sizes with `subset_size`
+    equal to both, exactly torchmetrics' / torch-fidelity's single-subset KID). `kid_se` is the standard
+    error of that estimate over draws of the two samples (None below 4 images a side). `kid_std` is
+    torchmetrics' spread over random subsets of `subset_size`: None when undefined (every subset is the
+    whole set, or a single subset). `note` says why, and mentions a subset size capped at the smaller
+    sample.
     """
 
     kid_mean: float
+    kid_se: float | None
     kid_std: float | None
     n_real: int
     n_fake: int
@@ -74,65 +74,147 @@ class KIDResult:
         return asdict(self)
 
 
+@dataclass
+class RelativeKIDResult:
+    """Which of two generated sets is closer to the real one (relative MMD test, Bounliphone et al. 2016).
+
+    `diff` = `kid_a` - `kid_b` (negative: A is closer), `diff_se` its standard error with the covariance
+    of the two estimates through the shared real images, `z` = diff / diff_se, and `p_value` = Φ(z), the
+    one-sided p-value of "A is closer to REAL than B" (small: A is closer with that confidence).
+    """
+
+    kid_a: float
+    kid_a_se: float | None
+    kid_b: float
+    kid_b_se: float | None
+    diff: float
+    diff_se: float | None
+    z: float | None
+    p_value: float | None
+    n_real: int
+    n_a: int
+    n_b: int
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_features(sides: dict[str, Tensor]) -> None:
+    sizes = set()
+    for name, f in sides.items():
+        if f.dim() != 2:
+            raise ValueError(f"{name} features must be (N, D), got shape {tuple(f.shape)}")
+        if f.shape[0] < 2:
+            raise ValueError(f"KID needs at least 2 {name} images, got {f.shape[0]}")
+        sizes.add(f.shape[1])
+    if len(sizes) > 1:
+        shapes = ", ".join(f"{k} {v.shape[1]}" for k, v in sides.items())
+        raise ValueError(f"real and fake features differ in size: {shapes}")
+
+
+def _se(var: Tensor) -> float | None:
+    return None if torch.isnan(var) else math.sqrt(float(var))
+
+
+SE_NOTE = "kid_se needs at least 4 images a side"
+
+
 def kid_from_features(
     real: Tensor, fake: Tensor, subset_size: int = 1000, subsets: int = 100, seed: int = 0
 ) -> KIDResult:
     """KID (unbiased MMD², kernel (x·y/D + 1)³) between `real` (N, D) and `fake` (M, D) features.
 
-    Computed by torchmetrics' `KernelInceptionDistance` fed the features through an identity module.
-    `subset_size` is capped at min(N, M). When that equals both N and M every subset is the whole set:
-    one subset is computed and `kid_std` is None. The subsets are drawn from a torch generator seeded with
-    `seed` inside `torch.random.fork_rng`, so the result is reproducible and the caller's RNG state is
-    left untouched.
+    `kid_mean` and `kid_se` use the full sets (see the section comment above). `kid_std` comes from
+    torchmetrics' `KernelInceptionDistance` on `subsets` random subsets of `subset_size` (capped at
+    min(N, M)), fed the features through an identity module. When the cap equals both N and M every
+    subset is the whole set: none is drawn and `kid_std` is None. The subsets are drawn from a torch
+    generator seeded with `seed` inside `torch.random.fork_rng`, so the result is reproducible and the
+    caller's RNG state is left untouched.
 
     Raises:
         ValueError: for a side with fewer than 2 samples, mismatched feature sizes, `subset_size` < 2 or
             `subsets` < 1 (the messages name the `dallm kid` flags).
     """
-    for name, f in (("real", real), ("fake", fake)):
-        if f.dim() != 2:
-            raise ValueError(f"{name} features must be (N, D), got shape {tuple(f.shape)}")
-        if f.shape[0] < 2:
-            raise ValueError(f"KID needs at least 2 {name} images, got {f.shape[0]}")
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"real and fake features differ in size: {real.shape[1]} vs {fake.shape[1]}")
+    _check_features({"real": real, "fake": fake})
     if subset_size < 2:
         raise ValueError(
             f"--subset_size must be >= 2 (the unbiased MMD divides by m(m-1)), got {subset_size}"
         )
     if subsets < 1:
         raise ValueError(f"--subsets must be >= 1, got {subsets}")
+    # float64 on the CPU: the unbiased estimate is a small difference of large cubic-kernel sums.
+    real, fake = (t.detach().to("cpu", torch.float64) for t in (real, fake))
     n_real, n_fake = real.shape[0], fake.shape[0]
+    mmd2, var = mmd2_with_variance(real, fake)
     size = min(subset_size, n_real, n_fake)
     notes = []
     if size < subset_size:
         notes.append(f"subset_size capped from {subset_size} to {size} (the smaller sample)")
-    whole = size == n_real == n_fake
-    if whole:
-        subsets = 1  # every subset would be the same set: more of them only repeat one number
+    std = None
+    if size == n_real == n_fake:
+        subsets = 1  # every subset would be the whole set: its KID is kid_mean, with no spread
         notes.append("subset_size equals both sample sizes: every subset is the whole set, std undefined")
     elif subsets == 1:
         notes.append("a single subset: std undefined")
-
-    with warnings.catch_warnings():
-        # torchmetrics warns at construction that it keeps every feature: that is exactly what we feed it.
-        warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save")
-        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=size)
-    # float64 on the CPU: the unbiased estimate is a small difference of large cubic-kernel sums.
-    metric.update(real.detach().to("cpu", torch.float64), real=True)
-    metric.update(fake.detach().to("cpu", torch.float64), real=False)
-    # torchmetrics draws subsets with the global torch.randperm: seed a forked CPU RNG, not the caller's.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
+    else:
+        with warnings.catch_warnings():
+            # torchmetrics warns at construction that it keeps every feature: that is what we feed it.
+            warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save")
+            metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=size)
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+        # torchmetrics draws subsets with the global torch.randperm: seed a forked CPU RNG, not the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            std = float(metric.compute()[1])
+    if min(n_real, n_fake) < 4:
+        notes.append(SE_NOTE)
     return KIDResult(
-        kid_mean=float(mean),
-        kid_std=None if subsets == 1 else float(std),
+        kid_mean=float(mmd2),
+        kid_se=_se(var),
+        kid_std=std,
         n_real=n_real,
         n_fake=n_fake,
         subset_size=size,
         subsets=subsets,
         note="; ".join(notes) or None,
+    )
+
+
+def relative_kid_test(real: Tensor, fake_a: Tensor, fake_b: Tensor) -> RelativeKIDResult:
+    """Is A closer to REAL than B? KID of each against `real` and the relative MMD test on their difference.
+
+    Bounliphone et al. 2016 (ICLR), "A Test of Relative Similarity for Model Selection in Generative
+    Models", as Bińkowski et al. 2018 use it to compare GANs: the two unbiased MMD² estimates share the
+    real sample, so their difference has a variance with a covariance term (see
+    `mmd2_difference_with_variance`); z = diff / diff_se is referred to the standard normal. Features
+    (N, D), (Na, D), (Nb, D), any sizes >= 2 (>= 4 each for the SE and the p-value).
+    """
+    _check_features({"real": real, "A": fake_a, "B": fake_b})
+    r, a, b = (t.detach().to("cpu", torch.float64) for t in (real, fake_a, fake_b))
+    kid_a, var_a = mmd2_with_variance(r, a)
+    kid_b, var_b = mmd2_with_variance(r, b)
+    diff, var = mmd2_difference_with_variance(r, a, b)
+    se = _se(var)
+    z = p = None
+    if se is not None:
+        d = float(diff)
+        z = d / se if se > 0 else (math.copysign(math.inf, d) if d != 0 else 0.0)
+        p = 0.5 * math.erfc(-z / math.sqrt(2.0))  # Φ(z): small when A's KID is clearly below B's
+    return RelativeKIDResult(
+        kid_a=float(kid_a),
+        kid_a_se=_se(var_a),
+        kid_b=float(kid_b),
+        kid_b_se=_se(var_b),
+        diff=float(diff),
+        diff_se=se,
+        z=z,
+        p_value=p,
+        n_real=r.shape[0],
+        n_a=a.shape[0],
+        n_b=b.shape[0],
+        note=None if se is not None else SE_NOTE + ": no p-value",
     )
 
 
@@ -158,277 +240,12 @@ def cmmd_from_features(real: Tensor, fake: Tensor, sigma: float = 10.0, scale: f
     return float(scale * (mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y)))
 
 
-# ------------------------------------------------------------------------------ feature extractors
+# ------------------------------------------------------------------------------------------ dirs
 
 
-class FeatureExtractor(nn.Module):
-    """Maps float images in [0, 1], (N, 3, H, W) with any H, W, to (N, D) float32 features.
-
-    Subclasses implement `extract`; `forward` runs it without gradients. `name` identifies the features
-    in logs and in `dallm kid`'s output.
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the first parameter or buffer (the CPU for a parameter-free extractor)."""
-        t = next(iter(list(self.parameters()) + list(self.buffers())), None)
-        return t.device if t is not None else torch.device("cpu")
-
-    def extract(self, images: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.name}: expected images (N, 3, H, W), got shape {tuple(images.shape)}")
-        return self.extract(images.to(self.device, torch.float32)).float()
-
-
-class InceptionFeatures(FeatureExtractor):
-    """torch-fidelity's Inception-v3 (`inception-v3-compat`), 2048-d pool features."""
-
-    def __init__(self, weights_path: str) -> None:
-        super().__init__("inception")
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.net = FeatureExtractorInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
-        )
-
-    def extract(self, images: Tensor) -> Tensor:
-        # The TF graph this mirrors takes 8-bit images and resizes them to 299x299 itself.
-        uint8 = (images * 255.0).round().clamp(0, 255).to(torch.uint8)
-        return self.net(uint8)[0]  # (N, 2048)
-
-
-def _offline() -> bool:
-    return any(
-        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def resolve_inception_weights(weights: str | None = None) -> str:
-    """Path of the Inception-v3 weights: `weights`, else $DALLM_INCEPTION_WEIGHTS, else torch's hub cache.
-
-    A missing cache file is downloaded when online (30 s socket timeout), never when HF_HUB_OFFLINE or
-    TRANSFORMERS_OFFLINE is set, so an offline machine fails at once with a message naming the file.
-    """
-    for source, value in (("--weights", weights), (INCEPTION_ENV, os.environ.get(INCEPTION_ENV))):
-        if value:
-            if not Path(value).is_file():
-                raise FileNotFoundError(f"{source}: Inception weights file {value} does not exist")
-            return value
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if cached.is_file():
-        return str(cached)
-    need = (
-        f"--feature inception needs the Inception-v3 weights file {INCEPTION_FILE} ({INCEPTION_URL}): "
-        f"download it and pass --weights PATH or set {INCEPTION_ENV}=PATH (or put it at {cached})"
-    )
-    if _offline():
-        raise FileNotFoundError(f"{need}; offline (HF_HUB_OFFLINE), so it is not downloaded")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # torch.hub's urlopen has no timeout of its own: a dead network would hang
-    try:
-        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=False)
-    except Exception as err:  # URLError, timeouts, HTTP errors: all mean "get the file yourself"
-        raise FileNotFoundError(f"{need}; the download failed: {err}") from err
-    finally:
-        socket.setdefaulttimeout(previous)
-    return str(cached)
-
-
-def _clip_preprocessor_stats(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) from the model's preprocessor_config.json (a local dir or the hub cache), else CLIP's."""
-    path: Path | None = Path(source) / "preprocessor_config.json"
-    if not Path(source).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(source, "preprocessor_config.json"))
-        except Exception:  # no such file, or offline without it in the cache: standard CLIP stats
-            path = None
-    if path is None or not path.is_file():
-        return CLIP_MEAN, CLIP_STD
-    cfg = json.loads(path.read_text())
-    return tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
-
-
-class ClipFeatures(FeatureExtractor):
-    """`image_embeds` of a transformers CLIPVisionModelWithProjection, with CLIP's preprocessing in torch."""
-
-    def __init__(self, source: str) -> None:
-        super().__init__(f"clip:{source}")
-        from transformers import CLIPVisionModelWithProjection
-
-        try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--feature clip:{source}: cannot load a CLIP vision model: {err}") from err
-        self.model.eval()
-        self.image_size = int(self.model.config.image_size)
-        mean, std = _clip_preprocessor_stats(source)
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """Shortest side -> image_size (bicubic, antialiased), centre crop, normalise: (N, 3, S, S)."""
-        s = self.image_size
-        h, w = images.shape[-2:]
-        scale = s / min(h, w)
-        size = (max(s, round(h * scale)), max(s, round(w * scale)))
-        if size != (h, w):
-            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
-            images = images.clamp(0.0, 1.0)  # bicubic overshoots; the PIL path CLIP was trained with clips
-        top, left = (size[0] - s) // 2, (size[1] - s) // 2
-        images = images[..., top : top + s, left : left + s]
-        return (images - self.mean) / self.std
-
-    def extract(self, images: Tensor) -> Tensor:
-        return self.model(pixel_values=self.preprocess(images)).image_embeds  # (N, projection_dim)
-
-
-class ModuleFeatures(FeatureExtractor):
-    """A user's nn.Module mapping [0, 1] images to (N, D); its output shape is checked on every call."""
-
-    def __init__(self, net: nn.Module, name: str) -> None:
-        super().__init__(name)
-        if not isinstance(net, nn.Module):
-            raise ValueError(f"--feature {name}: expected an nn.Module, got {type(net).__name__}")
-        self.net = net.eval()
-
-    def extract(self, images: Tensor) -> Tensor:
-        out = self.net(images)
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"--feature {self.name}: the module must map images (N, 3, H, W) to features (N, D); "
-                f"for N={images.shape[0]} it returned {got}"
-            )
-        return out
-
-
-def _load_toy_feature_net() -> nn.Module:
-    """The toy world's feature net (dallm/toy/features.py, weights in the package's toy assets)."""
-    from dallm.toy.features import load_feature_net
-
-    return load_feature_net()
-
-
-def _import_callable(target: str) -> Any:
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--feature module:{target}: expected module:<package.module:callable>")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"--feature module:{target}: cannot import {module_name}: {err}") from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--feature module:{target}: {module_name} has no attribute {attr}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"--feature module:{target}: {attr} is not callable")
-    return obj
-
-
-def build_feature_extractor(spec: str, weights: str | None = None, device: str = "cpu") -> FeatureExtractor:
-    """The feature extractor named by `spec` (see the module docstring), in eval mode on `device`.
-
-    `weights` is the Inception weights file (`--weights`); other specs must not be given one.
-    """
-    if weights is not None and spec != "inception":
-        raise ValueError(f"--weights is only for --feature inception, not {spec}")
-    if spec == "inception":
-        extractor: FeatureExtractor = InceptionFeatures(resolve_inception_weights(weights))
-    elif spec.startswith("clip:") and spec[5:]:
-        extractor = ClipFeatures(spec[5:])
-    elif spec == "toy":
-        extractor = ModuleFeatures(_load_toy_feature_net(), "toy")
-    elif spec.startswith("module:") and spec[7:]:
-        extractor = ModuleFeatures(_import_callable(spec[7:])(), spec)
-    else:
-        raise ValueError(f"--feature: unknown feature {spec!r}; valid forms: {FEATURE_FORMS}")
-    return extractor.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-def _stack(images: Sequence[Image.Image], size: int | tuple[int, int] | None) -> Tensor:
-    """RGB PIL images -> (N, 3, H, W) float in [0, 1]; resized (bicubic) to `size` or the first's size."""
-    if isinstance(size, int):
-        size = (size, size)
-    h, w = size if size is not None else (images[0].height, images[0].width)
-    arrays = []
-    for im in images:
-        im = im.convert("RGB")
-        if (im.height, im.width) != (h, w):
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
-        arrays.append(torch.from_numpy(np.array(im, dtype=np.uint8)))  # (H, W, 3)
-    return torch.stack(arrays).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
-
-
-def images_to_tensor(paths: Sequence[str | Path], size: int | tuple[int, int] | None = None) -> Tensor:
-    """Decode image files into (N, 3, H, W) floats in [0, 1].
-
-    Images of different sizes are resized to `size` ((H, W) or a square side) or else to the first
-    image's size, so they stack; the extractors resize to their own input size anyway.
-
-    Raises:
-        ValueError: naming a corrupt or unreadable file.
-    """
-    if not paths:
-        raise ValueError("images_to_tensor: no image paths given")
-    return _stack([load_rgb(p) for p in paths], size)
-
-
-def features_of_images(
-    images: Sequence[Image.Image] | Tensor, extractor: FeatureExtractor, batch_size: int = 32
-) -> Tensor:
-    """Features (N, D) float32 on the CPU of PIL images or an (N, 3, H, W) tensor in [0, 1], in batches."""
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    extractor.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        batch = chunk if isinstance(chunk, Tensor) else _stack(list(chunk), None)
-        out.append(extractor(batch).cpu())
-    if not out:
-        raise ValueError("features_of_images: no images given")
-    return torch.cat(out)
-
-
-def features_of_dir(
-    directory: str | Path, extractor: FeatureExtractor, batch_size: int = 32, flag: str = "directory"
-) -> Tensor:
-    """Features (N, D) of the images directly inside `directory`, decoded one batch at a time.
-
-    `flag` names the directory's CLI flag or argument in errors (missing, empty, corrupt file).
-    """
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    paths = list_images(directory, flag)
-    return torch.cat(
-        [
-            features_of_images(images_to_tensor(paths[i : i + batch_size]), extractor, batch_size)
-            for i in range(0, len(paths), batch_size)
-        ]
-    )
-
-
-def check_kid_dirs(real_dir: str | Path, fake_dir: str | Path) -> None:
-    """Raise, naming REAL_DIR / FAKE_DIR, unless both directories hold at least 2 images."""
-    for flag, d in (("REAL_DIR", real_dir), ("FAKE_DIR", fake_dir)):
+def check_kid_dirs(**dirs: str | Path) -> None:
+    """Raise, naming the argument (REAL_DIR, FAKE_DIR, ...), unless every directory holds at least 2 images."""
+    for flag, d in dirs.items():
         n = len(list_images(d, flag))
         if n < 2:
             raise ValueError(f"{flag}: KID needs at least 2 images, {d} has {n}")
@@ -443,79 +260,121 @@ def kid_of_dirs(
     seed: int = 0,
     batch_size: int = 32,
 ) -> KIDResult:
-    """KID between the images of two directories (the work of `dallm kid`)."""
-    check_kid_dirs(real_dir, fake_dir)  # a missing or too-small directory fails before any decoding
+    """KID between the images of two directories (the work of `dallm kid REAL FAKE`)."""
+    check_kid_dirs(REAL_DIR=real_dir, FAKE_DIR=fake_dir)  # a missing or small directory fails before decoding
     real = features_of_dir(real_dir, extractor, batch_size, "REAL_DIR")
     fake = features_of_dir(fake_dir, extractor, batch_size, "FAKE_DIR")
     return kid_from_features(real, fake, subset_size=subset_size, subsets=subsets, seed=seed)
 
 
+def relative_kid_of_dirs(
+    real_dir: str | Path,
+    a_dir: str | Path,
+    b_dir: str | Path,
+    extractor: FeatureExtractor,
+    batch_size: int = 32,
+) -> RelativeKIDResult:
+    """The relative KID test between the images of three directories (`dallm kid REAL FAKE_A FAKE_B`)."""
+    check_kid_dirs(REAL_DIR=real_dir, FAKE_DIR=a_dir, FAKE_B_DIR=b_dir)
+    real = features_of_dir(real_dir, extractor, batch_size, "REAL_DIR")
+    a = features_of_dir(a_dir, extractor, batch_size, "FAKE_DIR")
+    b = features_of_dir(b_dir, extractor, batch_size, "FAKE_B_DIR")
+    return relative_kid_test(real, a, b)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _kid_parser():
+def kid(
+    real_dir: str,
+    fake_dir: str,
+    fake_b_dir: str | None = None,
+    feature: str = "inception",
+    weights: str | None = None,
+    subset_size: int = 1000,
+    subsets: int = 100,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """KID between image folders; prints one JSON object on stdout, progress on stderr.
+
+    `dallm kid REAL_DIR FAKE_DIR`: KID (kid_mean, the unbiased MMD² over all pairs) with its standard
+    error kid_se, which covers the draw of these images only: not the choice of sampling seeds, nor a
+    different run. `dallm kid REAL_DIR FAKE_DIR FAKE_B_DIR`: the relative KID test (Bounliphone et al.
+    2016): KID of each against REAL (kid_a, kid_b), diff = kid_a - kid_b with diff_se, and p_value, the
+    one-sided p-value that FAKE_DIR (A) is closer to REAL_DIR than FAKE_B_DIR (B) is. Each image is
+    decoded and resized on its own to the feature extractor's input. Bad input prints one line
+    `dallm kid: error: ...` and exits with status 2.
+
+    Args:
+        real_dir: Directory of reference (teacher) images.
+        fake_dir: Directory of generated images (A in the relative test).
+        fake_b_dir: A second directory of generated images (B): runs the relative test A vs B.
+        feature: Feature extractor: inception | clip:<hub id or local dir> | toy | module:<package.module:callable>.
+        weights: Inception weights file (default: $DALLM_INCEPTION_WEIGHTS, then torch's hub cache).
+        subset_size: Images per KID subset for kid_std, capped at the smaller set.
+        subsets: Number of random subsets for kid_std.
+        seed: Seed of the subset draws.
+        batch_size: Images per feature-extractor batch (and decoded at once).
+        device: Device of the feature extractor: cpu, cuda, ...
+
+    Returns:
+        The JSON object printed: KIDResult's fields (or RelativeKIDResult's) and "feature".
+    """
+    for flag, value, low in (
+        ("subsets", subsets, 1),
+        ("batch_size", batch_size, 1),
+        ("subset_size", subset_size, 2),
+    ):
+        if value < low:
+            raise ValueError(f"--{flag} must be >= {low}, got {value}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available")
+    dirs = {"REAL_DIR": real_dir, "FAKE_DIR": fake_dir}
+    if fake_b_dir is not None:
+        dirs["FAKE_B_DIR"] = fake_b_dir
+    check_kid_dirs(**dirs)  # before loading a model: bad paths fail in a second
+    print(f"dallm kid: loading feature extractor {feature}", file=sys.stderr, flush=True)
+    extractor = build_feature_extractor(feature, weights, str(dev))
+    print(f"dallm kid: features of {', '.join(map(str, dirs.values()))}", file=sys.stderr, flush=True)
+    if fake_b_dir is None:
+        out = kid_of_dirs(real_dir, fake_dir, extractor, subset_size, subsets, seed, batch_size).to_dict()
+    else:
+        out = relative_kid_of_dirs(real_dir, fake_dir, fake_b_dir, extractor, batch_size).to_dict()
+    note = out.pop("note")
+    return {**out, "feature": extractor.name, "note": note}
+
+
+def kid_parser():
+    """The `dallm kid` parser, generated from `kid`'s signature and docstring (folders are positional)."""
+    from docstring_parser import parse
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(
-        prog="dallm kid",
-        description="KID between two image folders; prints one JSON object on stdout.",
-    )
-    parser.add_argument("real_dir", type=str, help="Directory of reference (teacher) images.")
-    parser.add_argument("fake_dir", type=str, help="Directory of generated images.")
-    parser.add_argument(
-        "--feature", type=str, default="inception", help=f"Feature extractor: {FEATURE_FORMS}."
-    )
-    parser.add_argument(
-        "--weights",
-        type=str | None,
-        default=None,
-        help=f"Inception weights file {INCEPTION_FILE} (default: ${INCEPTION_ENV}, then torch's hub cache).",
-    )
-    parser.add_argument(
-        "--subset_size", type=int, default=1000, help="Images per KID subset; capped at the smaller set."
-    )
-    parser.add_argument("--subsets", type=int, default=100, help="Number of random subsets (mean and std).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the subset draws.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per feature-extractor batch.")
-    parser.add_argument(
-        "--device", type=str, default="cpu", help="Device of the feature extractor: cpu, cuda, ..."
-    )
+    doc = inspect.cleandoc(kid.__doc__ or "")
+    params = {p.arg_name: p.description for p in parse(doc).params}
+    parser = ArgumentParser(prog="dallm kid", description=doc.split("\nArgs:")[0].strip())
+    parser.add_argument("real_dir", type=str, help=params["real_dir"])
+    parser.add_argument("fake_dir", type=str, help=params["fake_dir"])
+    parser.add_argument("fake_b_dir", nargs="?", type=str | None, default=None, help=params["fake_b_dir"])
+    parser.add_function_arguments(kid, as_group=False, skip={"real_dir", "fake_dir", "fake_b_dir"})
     return parser
 
 
 def kid_main(argv: list[str]) -> int:
-    """`dallm kid REAL_DIR FAKE_DIR [...]`: one JSON object on stdout, progress on stderr; returns 0.
-
-    Bad input (missing or empty directory, corrupt image, unknown feature, too few images, missing
-    weights) prints one line `dallm kid: error: ...` on stderr and returns 2.
-    """
-    cfg = _kid_parser().parse_args(argv)  # usage errors: jsonargparse prints them and exits 2
+    """`dallm kid ...`: parse `argv`, run `kid`, print its JSON; errors become one line and status 2."""
+    cfg = kid_parser().parse_args(argv)  # usage errors: jsonargparse prints them and exits 2
     try:
-        for flag in ("subsets", "batch_size"):
-            if cfg[flag] < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {cfg[flag]}")
-        if cfg.subset_size < 2:
-            raise ValueError(f"--subset_size must be >= 2, got {cfg.subset_size}")
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError as err:
-            raise ValueError(f"--device: {err}") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available")
-        check_kid_dirs(cfg.real_dir, cfg.fake_dir)  # before loading a model: bad paths fail in a second
-        print(f"dallm kid: loading feature extractor {cfg.feature}", file=sys.stderr, flush=True)
-        extractor = build_feature_extractor(cfg.feature, cfg.weights, str(device))
-        print(f"dallm kid: features of {cfg.real_dir} and {cfg.fake_dir}", file=sys.stderr, flush=True)
-        result = kid_of_dirs(
-            cfg.real_dir, cfg.fake_dir, extractor, cfg.subset_size, cfg.subsets, cfg.seed, cfg.batch_size
-        )
+        result = kid(**{k: v for k, v in cfg.as_dict().items() if k != "config"})
     except (ValueError, OSError) as err:  # OSError covers FileNotFoundError / NotADirectoryError
         if os.environ.get("DALLM_TRACEBACK"):
             raise
         message = " ".join(str(err).split())  # one line, whatever the library's message looked like
         print(f"dallm kid: error: {message}", file=sys.stderr)
         return 2
-    out = result.to_dict()
-    note = out.pop("note")
-    print(json.dumps({**out, "feature": extractor.name, "note": note}))
+    print(json.dumps(result))
     return 0

@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dallm.cli import main
+from dallm.features import clean_resize
 from dallm.images import load_rgb
 from dallm.metrics import (
     INCEPTION_ENV,
@@ -31,7 +33,9 @@ from dallm.tiny import make_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE = "module:feature_nets:make_feature_net"  # tests/feature_nets.py; tests/ is on sys.path
-KEYS = {"kid_mean", "kid_std", "n_real", "n_fake", "subset_size", "subsets", "feature", "note"}
+KEYS = {"kid_mean", "kid_se", "kid_std", "n_real", "n_fake", "subset_size", "subsets", "feature", "note"}
+RELATIVE_KEYS = {"kid_a", "kid_a_se", "kid_b", "kid_b_se", "diff", "diff_se", "z", "p_value"}
+RELATIVE_KEYS |= {"n_real", "n_a", "n_b", "feature", "note"}
 
 
 def kid_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -86,7 +90,9 @@ def test_kid_with_unequal_samples_has_a_real_std_and_is_seeded_without_touching_
     assert torch.equal(torch.get_rng_state(), state)
     assert a.subset_size == 10 and a.subsets == 20 and a.kid_std is not None and a.kid_std > 0
     assert a == kid_from_features(real, fake, subset_size=10, subsets=20, seed=3)
-    assert a.kid_mean != kid_from_features(real, fake, subset_size=10, subsets=20, seed=4).kid_mean
+    b = kid_from_features(real, fake, subset_size=10, subsets=20, seed=4)
+    # the subsets (and so kid_std) follow the seed; kid_mean and kid_se use the full sets and do not
+    assert a.kid_std != b.kid_std and (a.kid_mean, a.kid_se) == (b.kid_mean, b.kid_se)
 
 
 def test_kid_rejects_too_few_samples_and_bad_settings():
@@ -152,30 +158,32 @@ def test_clip_features_have_projection_dim_and_cmmd_separates_sets(tiny_clip_dir
     images = torch.rand(3, 3, 40, 56)  # not square, not the model's size: resized and centre-cropped
     feats = clip(images)
     assert feats.shape == (3, 16) and feats.dtype == torch.float32
-    assert clip.preprocess(images).shape == (3, 3, 32, 32)
+    assert clip.prepare(Image.new("RGB", (56, 40))).shape == (3, 32, 32)
     a = features_of_dir(image_sets["dark_a"], clip, batch_size=8)
     b = features_of_dir(image_sets["light"], clip, batch_size=8)
     assert cmmd_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
     assert cmmd_from_features(a, b) > 1e-3
 
 
-def test_clip_preprocessing_matches_transformers_image_processor(tmp_path, tiny_clip_dir):
-    from transformers import CLIPImageProcessor
+def test_clip_features_of_a_file_are_the_model_on_transformers_image_processor(tmp_path, tiny_clip_dir):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    # A smooth 60x90 gradient: PIL's and torch's bicubic then agree to about one grey level.
     ramp = torch.linspace(0, 1, 60)[:, None, None] * torch.linspace(0, 1, 90)[None, :, None]
     Image.fromarray((ramp * torch.tensor([255.0, 128.0, 60.0])).byte().numpy()).save(tmp_path / "g.png")
     clip = build_feature_extractor(f"clip:{tiny_clip_dir}")
-    ours = clip.preprocess(images_to_tensor([tmp_path / "g.png"]))
+    ours = features_of_dir(tmp_path, clip)  # file -> decode -> processor -> model
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    theirs = processor(images=load_rgb(tmp_path / "g.png"), return_tensors="pt")["pixel_values"]
-    assert ours.shape == theirs.shape == (1, 3, 32, 32)
-    assert (ours - theirs).abs().max() < 0.05  # one grey level is 1 / 255 / 0.27 = 0.015
+    pixels = processor(images=load_rgb(tmp_path / "g.png"), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        theirs = CLIPVisionModelWithProjection.from_pretrained(tiny_clip_dir).eval()(pixel_values=pixels)
+    assert torch.allclose(ours, theirs.image_embeds, atol=1e-5)
+    assert not torch.allclose(ours, clip(torch.zeros(1, 3, 60, 90)), atol=1e-3)  # the control differs
 
 
 def test_clip_normalisation_comes_from_preprocessor_config(tmp_path, tiny_clip_dir):
     default = build_feature_extractor(f"clip:{tiny_clip_dir}")
-    assert default.mean.flatten().tolist() == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert list(default.processor.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     custom = tmp_path / "clip"
     custom.mkdir()
     for f in tiny_clip_dir.iterdir():
@@ -184,7 +192,9 @@ def test_clip_normalisation_comes_from_preprocessor_config(tmp_path, tiny_clip_d
         json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3})
     )
     clip = build_feature_extractor(f"clip:{custom}")
-    assert clip.mean.flatten().tolist() == [0.5] * 3 and clip.std.flatten().tolist() == [0.25] * 3
+    assert list(clip.processor.image_mean) == [0.5] * 3 and list(clip.processor.image_std) == [0.25] * 3
+    # the config has no sizes (the processor's default would be 224): the crop is the model's 32
+    assert clip.prepare(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
     with pytest.raises(ValueError, match="--feature clip:"):
         build_feature_extractor(f"clip:{tmp_path / 'nothing'}")
 
@@ -251,24 +261,33 @@ def test_inception_extractor_takes_unit_floats_and_returns_2048_features(tmp_pat
     images = torch.rand(2, 3, 40, 48)
     feats = inception(images)
     assert inception.name == "inception" and feats.shape == (2, 2048) and feats.dtype == torch.float32
-    ref = net((images * 255).round().to(torch.uint8))[0]
+    # Each image: 8-bit, clean-fid's bicubic to 299x299 (per float channel), 8-bit again for the TF graph.
+    pixels = [
+        clean_resize(Image.fromarray(im), (299, 299))
+        for im in (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    ]
+    ref = net(torch.from_numpy(np.stack(pixels)).round().byte().permute(0, 3, 1, 2))[0]
     # Randomly initialised features are tiny (~1e-8): compare relatively, against a wrong-input control.
     assert torch.allclose(feats, ref, rtol=1e-4, atol=0)
     assert not torch.allclose(net(torch.zeros_like(images, dtype=torch.uint8))[0], ref, rtol=1e-2, atol=0)
 
 
-def test_images_to_tensor_resizes_mixed_sizes(tmp_path):
+def test_images_to_tensor_resizes_each_image_only_to_the_given_size(tmp_path):
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "a.png")
     Image.new("L", (7, 7), 128).save(tmp_path / "b.png")
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
-    t = images_to_tensor(paths)
+    t = images_to_tensor(paths, size=(10, 20))
     assert t.shape == (2, 3, 10, 20) and t.dtype == torch.float32
     assert t[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0] and 0.0 <= t.min() and t.max() <= 1.0
     assert images_to_tensor(paths, size=8).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"b\.png: 7x7 differs from .*a\.png's size"):
+        images_to_tensor(paths)  # no image is resized to another file's size
     net = build_feature_extractor(FEATURE)
     pil = [Image.open(p).convert("RGB") for p in paths]
     assert features_of_images(pil[:1], net).shape == (1, 54)
     assert torch.allclose(features_of_images(t, net, batch_size=1), net(t))
+    # this module declares no input size: each image keeps its own (20x10 and 7x7 in one call)
+    assert torch.allclose(features_of_images(pil, net)[1], net(pil[1:]))
 
 
 # ---------------------------------------------------------------------------------- control check
@@ -298,6 +317,41 @@ def test_dallm_kid_prints_one_json_object(capsys, image_sets):
     assert result["kid_std"] is None and "whole set" in result["note"]
     assert result["feature"] == FEATURE and result["kid_mean"] > 0.01
     assert "dallm kid:" in err  # progress goes to stderr
+
+
+def test_dallm_kid_prints_kid_se(capsys, image_sets):
+    code, out, _ = kid_cli(capsys, str(image_sets["dark_a"]), str(image_sets["light"]), "--feature", FEATURE)
+    result = json.loads(out)
+    assert code == 0 and result["kid_se"] is not None and 0 < result["kid_se"] < result["kid_mean"]
+
+
+def test_dallm_kid_with_two_fake_folders_runs_the_relative_test(capsys, image_sets):
+    real, near, far = (str(image_sets[k]) for k in ("dark_a", "dark_b", "light"))
+    code, out, err = kid_cli(capsys, real, near, far, "--feature", FEATURE)
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == RELATIVE_KEYS
+    assert (result["n_real"], result["n_a"], result["n_b"]) == (20, 20, 20)
+    assert result["diff"] == pytest.approx(result["kid_a"] - result["kid_b"])
+    assert result["diff"] < 0 and result["p_value"] < 0.01  # the other half of the dark set is closer
+    code, out, _ = kid_cli(capsys, real, far, near, "--feature", FEATURE)
+    assert code == 0 and json.loads(out)["p_value"] > 0.99
+    code, out, err = kid_cli(capsys, real, near, str(image_sets["dark_a"] / "missing"), "--feature", FEATURE)
+    assert code == 2 and out == "" and "FAKE_B_DIR: directory" in err.strip().splitlines()[-1]
+
+
+def test_dallm_kid_help_comes_from_the_docstring(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["kid", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for text in (
+        "relative KID test",
+        "fake_b_dir",
+        "A second directory of generated images",
+        "--subset_size",
+    ):
+        assert text in out, text
 
 
 @pytest.mark.slow
