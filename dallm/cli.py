@@ -36,7 +36,7 @@ TRAINER_DEFAULTS = {
 # Commands outside LightningCLI: `python -m dallm NAME ARGS...` calls "module:function"(ARGS) -> exit status.
 # One line per command; each is a typed function under jsonargparse or its own small parser.
 COMMANDS = {
-    "kid": "dallm.metrics:kid_main",
+    "kid": "dallm.kid:kid_main",
     "teacher": "dallm.teacher:teacher_main",
 }
 

@@ -7,9 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dallm"
-# A module that serves both the library and a command: `dallm kid` lives in metrics.py, which the KID
-# callback needs for its features. It stays importable until the command moves to a module of its own.
-LIBRARY_WITH_COMMAND = {"dallm.metrics"}
+# Modules that serve both the library and a command (none today; `dallm kid` is dallm.kid).
+LIBRARY_WITH_COMMAND: set[str] = set()
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
