@@ -384,7 +384,7 @@ def export_main(argv: list[str]) -> int:
     from jsonargparse import CLI
 
     try:
-        return CLI(export, args=argv, as_positional=True)
+        return CLI(export, args=argv, as_positional=True, prog="dallm export")
     except (ValueError, OSError, KeyError) as err:
         if os.environ.get("DALLM_TRACEBACK"):
             raise
