@@ -133,6 +133,8 @@ def best_checkpoint(every_n_steps: int) -> ModelCheckpoint:
         auto_insert_metric_name=False,
         every_n_train_steps=every_n_steps,
         enable_version_counter=False,
+        # Decide at the round's own step: never defer to a validation end that may not come (the last batch).
+        save_on_train_epoch_end=True,
     )
 
 

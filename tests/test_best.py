@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import fit
 
-from dallm.callbacks import StepProgressBar
+from dallm.callbacks import KIDCallback, StepProgressBar
 from dallm.cli import main
 
 KID = ["--kid.num_samples", "6", "--kid.num_inference_steps", "3"]
@@ -41,18 +42,36 @@ def same_export(a: Path, b: Path) -> None:
     assert json.loads((a / "dallm.json").read_text()) == json.loads((b / "dallm.json").read_text())
 
 
-def test_best_follows_kid_and_survives_resume_export_and_sample(tmp_path, capsys):
+def script_kid_val(monkeypatch, values: list[float]) -> None:
+    """KID round r reports kid/val = values[r] (the rest is measured): a curve whose best is known."""
+    original = KIDCallback.kid
+    scripted: set[int] = set()
+
+    def kid(self, real, fake):
+        result = original(self, real, fake)
+        # the round's first KID against the held-out teachers is kid/val (then come the references)
+        if real is self._reference.get("val") and len(self.history) not in scripted:
+            scripted.add(len(self.history))
+            return dataclasses.replace(result, kid_mean=values[len(self.history)])
+        return result
+
+    monkeypatch.setattr(KIDCallback, "kid", kid)
+
+
+def test_best_follows_kid_and_survives_resume_export_and_sample(tmp_path, capsys, monkeypatch):
+    # rounds at steps 0..10: the best trained step is 4 (6 ties it: the earlier stays), then 10 after resume
+    script_kid_val(monkeypatch, [0.5, 0.4, 0.2, 0.2, 0.3, 0.1])
     fit(tmp_path, "--kid.every_n_steps", "2", *KID, steps=6, every=3)
     run = tmp_path / "logs/run/version_0"
     values = kid_val(run)
     assert sorted(values) == [0, 2, 4, 6]
-    best = argmin_step(values, [2, 4, 6])  # step 0 is the base model, never a checkpoint
+    assert argmin_step(values, [2, 4, 6]) == 4
     info = json.loads((run / "lora/best/dallm.json").read_text())
-    assert info["step"] == best and info["kid/val"] == pytest.approx(values[best], rel=1e-6)
+    assert info["step"] == 4 and info["kid/val"] == pytest.approx(0.2)
     ckpt = torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == best
-    same_export(run / "lora/best", run / f"lora/step={best:06d}")
-    assert f"best: step {best}" in capsys.readouterr().out
+    assert ckpt["global_step"] == 4
+    same_export(run / "lora/best", run / "lora/step=000004")
+    assert "best: step 4 0.2" in capsys.readouterr().out
     # every export holds every format and a model card
     assert {"pytorch_lora_weights.safetensors", "run-v0.safetensors", "README.md", "kid_curve.png"} <= {
         p.name for p in (run / "lora/step=000003").iterdir()
@@ -67,26 +86,23 @@ def test_best_follows_kid_and_survives_resume_export_and_sample(tmp_path, capsys
     # `dallm sample` of a run dir looks at its best step
     with pytest.raises(SystemExit):
         main(["sample", "--lora", str(run), "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "s")])
-    assert json.loads((tmp_path / "s/samples.json").read_text())["step"] == best
+    assert json.loads((tmp_path / "s/samples.json").read_text())["step"] == 4
 
-    # resume keeps the best: a later round only replaces it when lower
+    # resume keeps the best (step 8's 0.3 does not replace it) until a lower round comes (step 10)
     fit(tmp_path, "--kid.every_n_steps", "2", *KID, "--ckpt_path", "last", steps=10, every=3)
-    values = kid_val(run)
-    assert sorted(values) == [0, 2, 4, 6, 8, 10]
-    best = argmin_step(values, [2, 4, 6, 8, 10])
-    assert json.loads((run / "lora/best/dallm.json").read_text())["step"] == best
-    assert torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)["global_step"] == best
+    assert sorted(kid_val(run)) == [0, 2, 4, 6, 8, 10]
+    assert json.loads((run / "lora/best/dallm.json").read_text())["step"] == 10
+    assert torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)["global_step"] == 10
 
 
-def test_early_stopping_counts_kid_rounds(tmp_path):
-    fit(tmp_path, "--kid.every_n_steps", "1", *KID, "--early_stopping.patience", "1", steps=12, every=12)
+def test_early_stopping_counts_kid_rounds(tmp_path, monkeypatch):
+    # patience 2: rounds at steps 3 and 4 do not beat step 2's 0.3, so the run stops at step 4 of 12
+    script_kid_val(monkeypatch, [0.5, 0.4, 0.3, 0.35, 0.36] + [0.1] * 10)
+    fit(tmp_path, "--kid.every_n_steps", "1", *KID, "--early_stopping.patience", "2", steps=12, every=12)
     run = tmp_path / "logs/run/version_0"
-    values = kid_val(run)
-    # patience 1: stop at the first round (after step 1) that is not lower than every earlier one
-    expected = next((s for s in range(2, 13) if values[s] >= min(values[t] for t in range(1, s))), 12)
-    assert max(values) == expected
+    assert sorted(kid_val(run)) == [0, 1, 2, 3, 4]
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == expected
+    assert ckpt["global_step"] == 4
 
 
 def test_progress_bar_counts_steps(tmp_path):
@@ -100,3 +116,26 @@ def test_progress_bar_counts_steps(tmp_path):
     assert isinstance(bar, StepProgressBar)
     task = bar.progress.tasks[bar.train_progress_bar_id]
     assert task.description == "step 3/3" and task.total == 3 and task.completed == 3
+
+
+def test_toy_run_best_is_the_argmin_of_kid_and_sample_uses_it(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    main(
+        [
+            "fit", "--config", str(root / "configs/toy.yaml"),
+            "--model.pretrained_model_name_or_path", str(root / "dallm/toy/assets/base"),
+            "--data.teacher_dir", str(root / "dallm/toy/assets/teacher"),
+            "--data.prior_dir", str(tmp_path / "prior"), "--data.num_prior_images", "20",
+            "--trainer.max_steps", "150", "--kid.every_n_steps", "25", "--trainer.val_check_interval", "150",
+            "--checkpoint.every_n_train_steps", "150", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    run = tmp_path / "logs/toy/version_0"
+    values = kid_val(run)
+    assert sorted(values) == list(range(0, 151, 25))
+    best = argmin_step(values, range(25, 151, 25))
+    assert json.loads((run / "lora/best/dallm.json").read_text())["step"] == best
+    with pytest.raises(SystemExit):
+        main(["sample", "--lora", str(run), "--seeds", "0-1", "--steps", "4", "--out", str(tmp_path / "s")])
+    assert json.loads((tmp_path / "s/samples.json").read_text())["step"] == best
