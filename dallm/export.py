@@ -26,7 +26,12 @@ from safetensors.torch import save, save_file
 from dallm import lora, tokens
 
 FORMATS = ("diffusers", "kohya")
-KIDS = ("kid/val", "kid/val_std", "kid/val_se", "kid/train")  # copied into dallm.json when the step has a round
+KIDS = (
+    "kid/val",
+    "kid/val_std",
+    "kid/val_se",
+    "kid/train",
+)  # copied into dallm.json when the step has a round
 
 
 def check_formats(formats: list[str], flag: str = "--format") -> list[str]:
@@ -109,7 +114,9 @@ def kohya_metadata(info: dict, run: dict, kid: dict) -> dict[str, str]:
         "ss_prior_loss_weight": run.get("prior_loss_weight"),
         "ss_noise_offset": run.get("noise_offset"),
         "ss_output_name": run.get("name"),
-        "ss_tag_frequency": json.dumps({"teacher": {info["instance_prompt"]: run.get("num_train_images") or 1}}),
+        "ss_tag_frequency": json.dumps(
+            {"teacher": {info["instance_prompt"]: run.get("num_train_images") or 1}}
+        ),
         "ss_training_comment": f"dallm LoRA + pivotal tokens; trigger words: {trigger}",
         "ss_instance_prompt": info["instance_prompt"],
         "ss_placeholder_tokens": json.dumps(tokens_),
@@ -131,7 +138,7 @@ def save_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     header = int.from_bytes(blob[:8], "little")
     meta = dict(metadata)
     meta["sshs_model_hash"] = hashlib.sha256(blob[8 + header :]).hexdigest()
-    meta["sshs_legacy_hash"] = hashlib.sha256(blob[0x100000 : 0x110000]).hexdigest()[:8]
+    meta["sshs_legacy_hash"] = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
     save_file(tensors, str(path), metadata=meta)
     return path
 
@@ -169,7 +176,9 @@ def write_exports(
     if "diffusers" in formats:
         module.export(out_dir)
     elif embeddings:  # ComfyUI reads the tokens from these files, whatever the LoRA's format
-        tokens.save_token_embeddings(out_dir, embeddings, {"base_model": str(hp.pretrained_model_name_or_path)})
+        tokens.save_token_embeddings(
+            out_dir, embeddings, {"base_model": str(hp.pretrained_model_name_or_path)}
+        )
     info = {
         "base_model": hp.pretrained_model_name_or_path,
         "revision": hp.revision,
@@ -187,7 +196,9 @@ def write_exports(
         **kid,
     }
     if "kohya" in formats:
-        tensors = kohya_state_dict(module.unet, module.text_encoder if hp.train_text_encoder else None, info["alpha"])
+        tensors = kohya_state_dict(
+            module.unet, module.text_encoder if hp.train_text_encoder else None, info["alpha"]
+        )
         tensors.update(bundled_embeddings(embeddings))
         kohya_file = out_dir / f"{run['name']}.safetensors"
         save_kohya(kohya_file, tensors, kohya_metadata(info, run, kid))
@@ -249,7 +260,8 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
     kohya = info.get("kohya_file")
     files = ", ".join(f"`{f}`" for f in info["token_files"])
     kid = (
-        f"kid/val {info['kid/val']:.4g}" + (f" ± {info['kid/val_se']:.2g} (s.e.)" if "kid/val_se" in info else "")
+        f"kid/val {info['kid/val']:.4g}"
+        + (f" ± {info['kid/val_se']:.2g} (s.e.)" if "kid/val_se" in info else "")
         if "kid/val" in info
         else "no KID round at this step"
     )
@@ -322,7 +334,9 @@ def resolve_checkpoint(source: str | Path) -> Path:
     for name in ("best.ckpt", "last.ckpt"):
         if (source / "checkpoints" / name).is_file():
             return source / "checkpoints" / name
-    raise FileNotFoundError(f"SOURCE {source}: not a checkpoint file nor a run dir with checkpoints/best|last.ckpt")
+    raise FileNotFoundError(
+        f"SOURCE {source}: not a checkpoint file nor a run dir with checkpoints/best|last.ckpt"
+    )
 
 
 def callback_state(checkpoint: dict, name: str) -> dict:
@@ -342,7 +356,9 @@ def module_from_checkpoint(checkpoint: dict, base: str | None = None):
     module.configure_model()
     missing = set(module.trainable_state_dict()) - set(checkpoint["state_dict"])
     if missing:
-        raise ValueError(f"SOURCE: the checkpoint lacks trainable weights of this model: {sorted(missing)[:3]}")
+        raise ValueError(
+            f"SOURCE: the checkpoint lacks trainable weights of this model: {sorted(missing)[:3]}"
+        )
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     return module.eval()
 

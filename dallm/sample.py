@@ -37,7 +37,9 @@ def resolve_lora_dir(path: str | Path) -> Path:
     for name in ("best", "last"):
         if (path / "lora" / name / "dallm.json").is_file():
             return path / "lora" / name
-    raise FileNotFoundError(f"--lora {path}: neither an export dir (with dallm.json) nor a run dir with lora/best|last")
+    raise FileNotFoundError(
+        f"--lora {path}: neither an export dir (with dallm.json) nor a run dir with lora/best|last"
+    )
 
 
 def make_scheduler(name: str, config):
@@ -196,7 +198,10 @@ def sample_main(argv: list[str]) -> int:
     from jsonargparse import CLI
 
     # `--prompt a --prompt b` appends (jsonargparse's list syntax is `--prompt+ a`); a bare `--compare` is true.
-    argv = ["--prompt+" if a == "--prompt" else "--prompt+=" + a[9:] if a.startswith("--prompt=") else a for a in argv]
+    argv = [
+        "--prompt+" if a == "--prompt" else "--prompt+=" + a[9:] if a.startswith("--prompt=") else a
+        for a in argv
+    ]
     argv = [x for i, a in enumerate(argv) for x in (
         [a, "true"] if a == "--compare" and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else [a])]  # fmt: skip
     try:

@@ -92,7 +92,9 @@ def test_best_follows_kid_and_survives_resume_export_and_sample(tmp_path, capsys
     fit(tmp_path, "--kid.every_n_steps", "2", *KID, "--ckpt_path", "last", steps=10, every=3)
     assert sorted(kid_val(run)) == [0, 2, 4, 6, 8, 10]
     assert json.loads((run / "lora/best/dallm.json").read_text())["step"] == 10
-    assert torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)["global_step"] == 10
+    assert (
+        torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)["global_step"] == 10
+    )
 
 
 def test_early_stopping_counts_kid_rounds(tmp_path, monkeypatch):

@@ -60,14 +60,22 @@ def test_kohya_file_gives_the_diffusers_exports_image(tiny_model_dir, tmp_path):
     state = load_file(kohya)
     keys = list(state)
     lora_keys = [k for k in keys if k.startswith("lora_")]
-    assert set(keys) - set(lora_keys) == {"bundle_emb.<s1>.string_to_param.*", "bundle_emb.<s2>.string_to_param.*"}
-    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down") for k in keys)
+    assert set(keys) - set(lora_keys) == {
+        "bundle_emb.<s1>.string_to_param.*",
+        "bundle_emb.<s2>.string_to_param.*",
+    }
+    assert any(
+        k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down")
+        for k in keys
+    )
     assert any(k.startswith("lora_unet_") and "_to_out_0.lora_up.weight" in k for k in keys)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
     assert all(state[k].item() == 8.0 for k in keys if k.endswith(".alpha"))
     # bundled tokens are the token files' vectors
     for t, f in (("<s1>", "s1"), ("<s2>", "s2")):
-        assert torch.equal(state[f"bundle_emb.{t}.string_to_param.*"][0], load_file(out / f"{f}.safetensors")[t])
+        assert torch.equal(
+            state[f"bundle_emb.{t}.string_to_param.*"][0], load_file(out / f"{f}.safetensors")[t]
+        )
 
     pipe = pipeline(tiny_model_dir)
     base = image(pipe)

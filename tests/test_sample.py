@@ -34,10 +34,14 @@ def test_parse_seeds():
 
 def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_model_dir, tmp_path, capsys):
     module = trained_module(tiny_model_dir, rank=4, alpha=8, train_text_encoder=True)
-    lora_dir = write_exports(module, tmp_path / "run" / "lora" / "last", 5, run={"name": "t", "resolution": 32})
+    lora_dir = write_exports(
+        module, tmp_path / "run" / "lora" / "last", 5, run={"name": "t", "resolution": 32}
+    )
     # what the KID rounds do: DPM-Solver++ from the base's scheduler config, batched fixed seeds
     sched = make_scheduler("dpm++", module.noise_scheduler.config)
-    ours = module.generate(PROMPT, [0, 1, 2], num_inference_steps=4, resolution=32, scheduler=sched, output_type="np")
+    ours = module.generate(
+        PROMPT, [0, 1, 2], num_inference_steps=4, resolution=32, scheduler=sched, output_type="np"
+    )
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
