@@ -73,8 +73,9 @@ class LoraExport(pl.Callback):
         step = trainer.global_step
         if not self.enabled or self._exported_step == step:
             return None
-        # trainer.log_dir is a collective under DDP: every rank asks, only rank 0 writes.
-        root = run_dir(trainer) / "lora"
+        # trainer.log_dir is a collective under DDP: every rank asks (once), only rank 0 writes.
+        run = run_dir(trainer)
+        root = run / "lora"
         self._exported_step = step
         if not trainer.is_global_zero:
             return None
@@ -86,7 +87,7 @@ class LoraExport(pl.Callback):
             self.formats,
             self.run_info,
             kid.history if kid is not None else [],
-            run_dir(trainer) / "samples",
+            run / "samples",
         )
         copy_export(out, root / "last")
         return out
