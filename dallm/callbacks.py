@@ -80,11 +80,17 @@ class LoraExport(pl.Callback):
         if not trainer.is_global_zero:
             return None
         kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
+        formats = self.formats
+        if pl_module.hparams.get("use_dora") and "kohya" in formats:
+            formats = [f for f in formats if f != "kohya"] or ["diffusers"]
+            if not getattr(self, "_dora_noted", False):
+                rank_zero_info("dallm: DoRA has no exact kohya form; exporting the diffusers format only")
+                self._dora_noted = True
         out = write_exports(
             pl_module,
             root / f"step={step:06d}",
             step,
-            self.formats,
+            formats,
             self.run_info,
             kid.history if kid is not None else [],
             run / "samples",

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -141,3 +142,31 @@ def test_toy_run_best_is_the_argmin_of_kid_and_sample_uses_it(tmp_path):
     with pytest.raises(SystemExit):
         main(["sample", "--lora", str(run), "--seeds", "0-1", "--steps", "4", "--out", str(tmp_path / "s")])
     assert json.loads((tmp_path / "s/samples.json").read_text())["step"] == best
+
+
+def test_dora_and_noise_offset_train_and_their_export_loads_in_diffusers(tmp_path):
+    from test_export import PROMPT, image, pipeline
+
+    from dallm.sample import make_scheduler
+
+    cli = main(
+        ["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml"),
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--data.prior_dir", str(tmp_path / "prior"),
+         "--data.num_prior_images", "2", "--data.batch_size", "2", "--trainer.max_steps", "3",
+         "--kid.every_n_steps", "0", "--checkpoint.every_n_train_steps", "3", "--trainer.val_check_interval", "3",
+         "--trainer.enable_progress_bar", "false", "--model.use_dora", "true", "--model.noise_offset", "0.1"]
+    )  # fmt: skip
+    module = cli.model
+    magnitude = [p for n, p in module.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitude and module.hparams.noise_offset == 0.1
+    out = tmp_path / "logs/tiny/version_0/lora/last"
+    assert not list(out.glob("tiny-v0.safetensors"))  # no kohya file for DoRA, and no crash
+    sched = make_scheduler("ddim", module.noise_scheduler.config)
+    ours = module.generate(PROMPT, [7], num_inference_steps=4, scheduler=sched, output_type="np")[0]
+    pipe = pipeline(Path(module.hparams.pretrained_model_name_or_path).resolve())
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    base = image(pipe)
+    pipe.load_lora_weights(out)
+    pipe.load_textual_inversion([str(out / "s1.safetensors"), str(out / "s2.safetensors")])
+    theirs = image(pipe)
+    assert np.abs(theirs - ours).max() < 1e-4 and np.abs(theirs - base).max() > 0
