@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from dallm.base import vae_roundtrip
@@ -18,44 +18,179 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 
 class LoraExport(pl.Callback):
-    """Export the LoRA + token embeddings for diffusers at every checkpoint and at the end of training.
+    """Export the LoRA + token embeddings at every checkpoint and at the end of training, in every format.
 
-    Writes `<run dir>/lora/step=NNNNNN/` and refreshes `<run dir>/lora/last/`, on global rank 0 only.
+    Writes `<run dir>/lora/step=NNNNNN/` (diffusers files, the kohya/A1111 file, a model card; see
+    `dallm.export`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
+    best-KID checkpoint (`checkpoints/best.ckpt`, a ModelCheckpoint monitoring kid/val) is saved. Global rank
+    0 writes.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, formats: list[str] = ["diffusers", "kohya"]) -> None:  # noqa: B006
         """
         Args:
             enabled: export at every checkpoint and at the end of fit.
+            formats: export formats: diffusers (load_lora_weights + token files), kohya (one file for
+                AUTOMATIC1111/Forge/ComfyUI with the tokens bundled).
         """
+        from dallm.export import check_formats
+
         self.enabled = enabled
+        self.formats = check_formats(list(formats), "--export.formats")
         self._exported_step: int | None = None
+        self._best_score: float | None = None
+        self.run_info: dict = {}  # facts of the run for the kohya metadata and model card; saved in checkpoints
+
+    def state_dict(self) -> dict:
+        return {"run_info": self.run_info}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.run_info = dict(state_dict.get("run_info") or {})
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from dallm.export import run_name
+
+        dm = trainer.datamodule
+        hp = getattr(dm, "hparams", {})
+        lr = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+        self.run_info = {
+            "name": run_name(run_dir(trainer)),
+            "num_train_images": len(getattr(dm, "train_teacher_paths", []) or []),
+            "num_val_images": len(getattr(dm, "val_teacher_paths", []) or []),
+            "num_reg_images": len(getattr(dm, "prior_paths", []) or []),
+            "resolution": hp.get("resolution"),
+            "learning_rate": lr.get("initial_lr", lr.get("lr")),
+            "seed": pl_module.hparams.get("seed"),
+            "max_steps": trainer.max_steps,
+            "prior_loss_weight": pl_module.hparams.get("prior_loss_weight"),
+            "noise_offset": pl_module.hparams.get("noise_offset"),
+        }
+        best = best_checkpoint_callback(trainer)
+        # After a resume the restored best is already exported: only a new best is written.
+        self._best_score = _score(best.best_model_score) if best is not None else None
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        from dallm.export import copy_export, write_exports
+
         step = trainer.global_step
         if not self.enabled or self._exported_step == step:
             return None
-        # trainer.log_dir is a collective under DDP: every rank asks, only rank 0 writes.
-        root = run_dir(trainer) / "lora"
+        # trainer.log_dir is a collective under DDP: every rank asks (once), only rank 0 writes.
+        run = run_dir(trainer)
+        root = run / "lora"
         self._exported_step = step
         if not trainer.is_global_zero:
             return None
-        out = pl_module.export(root / f"step={step:06d}")
-        # Write the copy beside, then swap, so lora/last is never half-written.
-        tmp = root / ".last.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out, tmp)
-        shutil.rmtree(root / "last", ignore_errors=True)
-        tmp.rename(root / "last")
+        kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
+        formats = self.formats
+        if pl_module.hparams.get("use_dora") and "kohya" in formats:
+            formats = [f for f in formats if f != "kohya"] or ["diffusers"]
+            if not getattr(self, "_dora_noted", False):
+                rank_zero_info("dallm: DoRA has no exact kohya form; exporting the diffusers format only")
+                self._dora_noted = True
+        out = write_exports(
+            pl_module,
+            root / f"step={step:06d}",
+            step,
+            formats,
+            self.run_info,
+            kid.history if kid is not None else [],
+            run / "samples",
+        )
+        copy_export(out, root / "last")
         return out
+
+    def export_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refresh lora/best when the best-KID checkpoint has just taken a new best (it is being saved now)."""
+        from dallm.export import copy_export
+
+        best = best_checkpoint_callback(trainer)
+        score = _score(best.best_model_score) if best is not None else None
+        if not self.enabled or score is None or score == self._best_score:
+            return
+        self._best_score = score
+        root = run_dir(trainer) / "lora"
+        self.export(trainer, pl_module)  # this step's export, if not written yet
+        if trainer.is_global_zero:
+            copy_export(root / f"step={trainer.global_step:06d}", root / "best")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self.export(trainer, pl_module)
+        self.export_best(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         out = self.export(trainer, pl_module)
         if out is not None:
             rank_zero_info(f"dallm: LoRA exported to {out} and {out.parent / 'last'}")
+
+
+def _score(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def best_checkpoint(every_n_steps: int) -> ModelCheckpoint:
+    """Lightning's ModelCheckpoint keeping `checkpoints/best.ckpt` at the lowest kid/val (ties: the earlier step).
+
+    It looks at kid/val on the KID rounds' steps (`--kid.every_n_steps`; the round runs first and puts its
+    numbers in `trainer.callback_metrics`); rounds off that grid (step 0, an odd final step) are not candidates.
+    """
+    return ModelCheckpoint(
+        monitor="kid/val",
+        mode="min",  # strict "<": an equal later KID keeps the earlier step
+        save_top_k=1 if every_n_steps > 0 else 0,
+        filename="best",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every_n_steps,
+        enable_version_counter=False,
+        # Decide at the round's own step: never defer to a validation end that may not come (the last batch).
+        save_on_train_epoch_end=True,
+    )
+
+
+def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The best-KID ModelCheckpoint among the trainer's callbacks, if any."""
+    return next(
+        (cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor == "kid/val"), None
+    )
+
+
+class KIDEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping on kid/val, checked right after each KID round: patience counts KID rounds.
+
+    Not at validation ends (Lightning's default), where kid/val would be a stale value from an older round.
+    """
+
+    def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise ValueError(f"--early_stopping.patience must be >= 1, got {patience}")
+        super().__init__(monitor="kid/val", mode="min", patience=patience, check_on_train_epoch_end=False)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
+        fresh = kid is not None and kid.history and kid.history[-1]["step"] == trainer.global_step
+        if fresh and trainer.global_step > 0 and "kid/val" in kid.history[-1]:
+            self._run_early_stopping_check(trainer)
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar counting the run's optimizer steps (`step 120/250`): one epoch here is the whole run."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_steps(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._show_steps(trainer)
+
+    def _show_steps(self, trainer) -> None:
+        if self.progress is None or self.train_progress_bar_id is None or trainer.max_steps <= 0:
+            return
+        step, total = trainer.global_step, trainer.max_steps
+        self.progress.update(self.train_progress_bar_id, completed=step, total=total, description=f"step {step}/{total}")
 
 
 def gather_rows(trainer: pl.Trainer, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -309,6 +444,8 @@ class KIDCallback(pl.Callback):
             metrics.update(self.reference_metrics(pl_module, ref, trainer))
         metrics["kid/round_seconds"] = time.perf_counter() - start
         self.history.append({"step": step, **metrics})
+        # This step's numbers, for the best-KID ModelCheckpoint and EarlyStopping (every rank: they all decide).
+        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
 
         out_dir = run_dir(trainer) / "samples"  # a collective under DDP: all ranks ask
         if trainer.is_global_zero:

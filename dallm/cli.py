@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import sys
@@ -10,10 +11,18 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from dallm.callbacks import KIDCallback, LoraExport, run_dir
+from dallm.callbacks import (
+    KIDCallback,
+    KIDEarlyStopping,
+    LoraExport,
+    StepProgressBar,
+    best_checkpoint,
+    best_checkpoint_callback,
+    run_dir,
+)
 from dallm.data import DallmDataModule
 from dallm.module import DallmModule
 
@@ -38,6 +47,8 @@ TRAINER_DEFAULTS = {
 COMMANDS = {
     "kid": "dallm.kid:kid_main",
     "teacher": "dallm.teacher:teacher_main",
+    "sample": "dallm.sample:sample_main",
+    "export": "dallm.export:export_main",
 }
 
 
@@ -69,6 +80,13 @@ class DallmCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LoraExport, "export")
         parser.add_lightning_class_args(KIDCallback, "kid")
+        parser.add_argument(
+            "--early_stopping.patience",
+            type=int | None,
+            default=None,
+            help="Stop when kid/val has not improved for this many KID rounds (Lightning's EarlyStopping); "
+            "null: never.",
+        )
         parser.set_defaults(
             {
                 "model.optimizer": {
@@ -82,6 +100,27 @@ class DallmCLI(LightningCLI):
         if self.subcommand == "fit":
             resolve_last_checkpoint(self.config[self.subcommand])
 
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, plus the step-counting progress bar and, for fit, the best-KID checkpoint and early stop."""
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = cfg.get("trainer", {})
+        user = trainer_cfg.get("callbacks") or []
+        user = user if isinstance(user, list) else [user]
+        has_bar = any(isinstance(c, ProgressBar) for c in user)
+        if trainer_cfg.get("enable_progress_bar") is not False and not has_bar:
+            kwargs["callbacks"] = [*user, StepProgressBar()]
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            # Appended after the KID callback: its round at a step must run before they read kid/val.
+            kid = cfg["kid"]
+            trainer.callbacks.append(best_checkpoint(kid.every_n_steps if kid.enabled else 0))
+            patience = cfg.get("early_stopping", {}).get("patience")
+            if patience is not None:
+                if not kid.enabled:
+                    raise ValueError("--early_stopping.patience needs KID rounds: set --kid.every_n_steps > 0")
+                trainer.callbacks.append(KIDEarlyStopping(patience))
+        return trainer
+
     def after_fit(self) -> None:
         trainer = self.trainer
         out = run_dir(trainer)  # a collective under DDP: every rank must ask
@@ -89,14 +128,21 @@ class DallmCLI(LightningCLI):
             print(f"dallm: run directory {out}")
             print(f"  TensorBoard: tensorboard --logdir {out.parent}")
             print(f"  checkpoints: {out / 'checkpoints'}   (resume: --ckpt_path last)")
-            print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}")
+            print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}   (look at it: python -m dallm sample --lora {out})")
             kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
             rounds = [h for h in kid.history if "kid/val" in h] if kid is not None else []
             if rounds:
                 print(f"  sample grids: {out / 'samples'}")
                 first, last = rounds[0], rounds[-1]
+                best = best_checkpoint_callback(trainer)
+                best_json = out / "lora" / "best" / "dallm.json"
+                shown = ""
+                if best is not None and best.best_model_score is not None and best_json.is_file():
+                    b = json.loads(best_json.read_text())
+                    shown = f" (best: step {b['step']} {b['kid/val']:.4g}, {out / 'lora' / 'best'})"
                 print(
                     f"  kid/val: step {first['step']} {first['kid/val']:.4g} -> step {last['step']} {last['kid/val']:.4g}"
+                    + shown
                 )
 
 

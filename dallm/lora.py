@@ -39,14 +39,20 @@ def check_target_modules(model: nn.Module, targets: list[str], flag: str) -> Non
             )
 
 
-def lora_config(rank: int, alpha: float | None, dropout: float, targets: list[str]) -> LoraConfig:
-    """peft LoRA config; `alpha` defaults to `rank` (scale 1), gaussian init of A and zero B as in diffusers."""
+def lora_config(
+    rank: int, alpha: float | None, dropout: float, targets: list[str], use_dora: bool = False
+) -> LoraConfig:
+    """peft LoRA config; `alpha` defaults to `rank` (scale 1), gaussian init of A and zero B as in diffusers.
+
+    `use_dora`: weight-decomposed LoRA (DoRA, Liu et al. 2024), peft's implementation.
+    """
     return LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
         lora_dropout=dropout,
         init_lora_weights="gaussian",
         target_modules=list(targets),
+        use_dora=use_dora,
     )
 
 

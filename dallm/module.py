@@ -39,6 +39,8 @@ class DallmModule(pl.LightningModule):
         instance_prompt: str = "a realistic painting of a cat in baroque art style like <s1><s2>",
         prior_loss_weight: float = 1.0,
         snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        use_dora: bool = False,
         seed: int = 0,
         cache_latents: bool = True,
         cache_dir: str | None = None,
@@ -69,6 +71,10 @@ class DallmModule(pl.LightningModule):
             instance_prompt: prompt of the teacher images, used for sampling (linked from --data.instance_prompt).
             prior_loss_weight: weight of the prior-preservation loss on class images.
             snr_gamma: min-SNR-gamma loss weighting (e.g. 5.0); null for the plain MSE.
+            noise_offset: add this times a per-sample, per-channel constant N(0, 1) to the diffusion noise
+                (Guttenberg 2023; 0.05-0.1 lets the model make darker and brighter images); 0: off.
+            use_dora: DoRA, weight-decomposed LoRA (peft's `use_dora`); exports load in diffusers, the kohya
+                format is refused (A1111 decomposes the weight differently).
             seed: seed of the per-step noise and timesteps (linked from --data.seed); resume-exact.
             cache_latents: VAE-encode each training-image variant (content, resolution, crop, flip) once and
                 reuse its latent distribution; the latent is still sampled per step, so results are unchanged.
@@ -91,6 +97,8 @@ class DallmModule(pl.LightningModule):
             raise ValueError(f"--model.prior_loss_weight must be >= 0, got {prior_loss_weight}")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"--model.snr_gamma must be > 0, got {snr_gamma}")
+        if noise_offset < 0:
+            raise ValueError(f"--model.noise_offset must be >= 0, got {noise_offset}")
         if token_lr <= 0:
             raise ValueError(f"--model.token_lr must be > 0, got {token_lr}")
         missing = [t for t in placeholder_tokens if t not in instance_prompt]
@@ -148,14 +156,16 @@ class DallmModule(pl.LightningModule):
             part.eval()
 
         lora.check_target_modules(unet, hp.target_modules, "--model.target_modules")
-        lora.add_lora(unet, lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.target_modules))
+        lora.add_lora(unet, lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.target_modules, hp.use_dora))
         if hp.train_text_encoder:
             lora.check_target_modules(
                 text_encoder, hp.text_encoder_target_modules, "--model.text_encoder_target_modules"
             )
             lora.add_lora(
                 text_encoder,
-                lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.text_encoder_target_modules),
+                lora.lora_config(
+                    hp.rank, hp.alpha, hp.lora_dropout, hp.text_encoder_target_modules, hp.use_dora
+                ),
             )
         if hp.placeholder_tokens:
             tokens.add_placeholder_tokens(
@@ -252,6 +262,12 @@ class DallmModule(pl.LightningModule):
         timesteps = diffusion.sample_timesteps(
             latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, latents.device
         )
+        if self.hparams.noise_offset > 0:
+            # Drawn after the timesteps, so runs without an offset keep their noise and timesteps.
+            offset = randn_tensor(
+                (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+            )  # (N, 4, 1, 1)
+            noise = noise + self.hparams.noise_offset * offset
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = self.encode_prompts(batch["prompts"])
         pred = self.unet(noisy, timesteps, hidden).sample
