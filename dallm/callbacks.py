@@ -21,7 +21,7 @@ class LoraExport(pl.Callback):
     """Export the LoRA + token embeddings at every checkpoint and at the end of training, in every format.
 
     Writes `<run dir>/lora/step=NNNNNN/` (diffusers files, the kohya/A1111 file, a model card; see
-    `dallm.export`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
+    `dallm.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
     best-KID checkpoint (`checkpoints/best.ckpt`, a ModelCheckpoint monitoring kid/val) is saved. Global rank
     0 writes.
     """
@@ -33,7 +33,7 @@ class LoraExport(pl.Callback):
             formats: export formats: diffusers (load_lora_weights + token files), kohya (one file for
                 AUTOMATIC1111/Forge/ComfyUI with the tokens bundled).
         """
-        from dallm.export import check_formats
+        from dallm.formats import check_formats
 
         self.enabled = enabled
         self.formats = check_formats(list(formats), "--export.formats")
@@ -48,7 +48,7 @@ class LoraExport(pl.Callback):
         self.run_info = dict(state_dict.get("run_info") or {})
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from dallm.export import run_name
+        from dallm.formats import run_name
 
         dm = trainer.datamodule
         hp = getattr(dm, "hparams", {})
@@ -70,7 +70,7 @@ class LoraExport(pl.Callback):
         self._best_score = _score(best.best_model_score) if best is not None else None
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
-        from dallm.export import copy_export, write_exports
+        from dallm.formats import copy_export, write_exports
 
         step = trainer.global_step
         if not self.enabled or self._exported_step == step:
@@ -102,7 +102,7 @@ class LoraExport(pl.Callback):
 
     def export_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refresh lora/best when the best-KID checkpoint has just taken a new best (it is being saved now)."""
-        from dallm.export import copy_export
+        from dallm.formats import copy_export
 
         best = best_checkpoint_callback(trainer)
         score = _score(best.best_model_score) if best is not None else None

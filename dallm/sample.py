@@ -55,13 +55,13 @@ def make_scheduler(name: str, config):
     raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {name!r}")
 
 
-def load_pipeline(base: str, lora_dir: Path | None, device: str, dtype: torch.dtype):
-    """StableDiffusionPipeline of `base`, with the LoRA (adapter "dallm") and its tokens when `lora_dir` is given:
-    `load_lora_weights` + `load_textual_inversion`, exactly what a diffusers user runs."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(base: str, lora_dir: Path | None, device: str):
+    """StableDiffusionPipeline of `base` (dallm.base's loader and dtype rule), with the LoRA (adapter "dallm")
+    and its tokens when `lora_dir` is given: `load_lora_weights` + `load_textual_inversion`, exactly what a
+    diffusers user runs."""
+    from dallm.base import load_base_pipeline
 
-    half = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, **half)
+    pipe = load_base_pipeline(base, device=device, flag="--base")
     if lora_dir is not None:
         info = json.loads((lora_dir / "dallm.json").read_text())
         pipe.load_lora_weights(lora_dir, adapter_name="dallm")
@@ -69,7 +69,7 @@ def load_pipeline(base: str, lora_dir: Path | None, device: str, dtype: torch.dt
         if files:
             pipe.load_textual_inversion(files)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def label_grid(rows: list[tuple[str, list]], columns: list[str]):
@@ -142,7 +142,6 @@ def sample(
     if scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base = base or str(info["base_model"])
     resolution = resolution or info.get("resolution")
     out_dir = Path(out)
@@ -156,7 +155,7 @@ def sample(
         todo = [(v, p, s) for v, p, s in jobs if (v[1] is not None) == use_lora]
         if not todo:
             continue
-        pipe = load_pipeline(base, lora_dir if use_lora else None, device, dtype)
+        pipe = load_pipeline(base, lora_dir if use_lora else None, device)
         sched = make_scheduler(scheduler, pipe.scheduler.config)
         if sched is not None:
             pipe.scheduler = sched

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dallm.export import write_exports
+from dallm.formats import write_exports
 from dallm.module import DallmModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from PIL import Image
 from test_export import PROMPT, pipeline, trained_module
 
 from dallm.cli import main
-from dallm.export import write_exports
+from dallm.formats import write_exports
 from dallm.sample import make_scheduler, parse_seeds, resolve_lora_dir
 
 PLAIN = "a painting of a cat"  # no placeholder tokens: with the LoRA off it is the base model's prompt
