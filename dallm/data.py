@@ -30,7 +30,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dallm.errors import DallmError
 from dallm.manifest import IMAGE_EXTENSIONS, manifest_path, read_manifest, sha256_file
+from dallm.preflight import check_image_size
 from dallm.teacher import consecutive_runs, dtype_kwarg, generate_with_pipeline, model_id
 
 _MASK64 = (1 << 64) - 1
@@ -94,9 +96,12 @@ def load_rgb(path: str | Path) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
+            check_image_size(path, im.size)  # from the header, before a huge decode runs out of memory
             im.load()  # decodes now, so a truncated file fails here and not mid-training
             im = ImageOps.exif_transpose(im)  # a phone photo is trained upright, as it is displayed
             return _to_rgb(im)
+    except DallmError:
+        raise
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
         raise ValueError(f"{path}: cannot read image: {err}") from err
 

@@ -16,6 +16,25 @@ from dallm import resume, tokens
 from dallm.errors import DallmError
 
 
+# Largest image dallm decodes: 40 megapixels (a 7000x5700 photo). Training runs at 512-1024 px; an 8000x8000
+# file decodes to 192 MB of RGB and several times that as float tensors (ArrayMemoryError on small hosts).
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def check_image_size(path: str | Path, size: tuple[int, int]) -> None:
+    """Refuse an image larger than MAX_IMAGE_PIXELS from its header size, before decoding it.
+
+    Hooked into `load_rgb` (dallm.data today, dallm.images after the module split) between `Image.open`
+    (which reads only the header) and `im.load()`.
+    """
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DallmError(
+            f"{path}: image is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than dallm "
+            f"decodes ({MAX_IMAGE_PIXELS / 1e6:.0f}); downscale it (training uses at most ~1024 px)"
+        )
+
+
 def nearest_existing(path: Path) -> Path:
     """`path` itself or its closest ancestor that exists (what a mkdir -p would start from)."""
     path = path.absolute()
