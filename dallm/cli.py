@@ -119,6 +119,8 @@ def main(args: ArgsType = None) -> DallmCLI | None:
             # Not a training command: no LightningCLI around it.
             module, func = COMMANDS[command].split(":")
             raise SystemExit(getattr(importlib.import_module(module), func)(list(argv[1:])))
+        if isinstance(argv, (list, tuple)):
+            preflight.check_config_files([str(a) for a in argv])
         # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         cli = DallmCLI(

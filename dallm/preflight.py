@@ -74,7 +74,10 @@ def check_optimizer(spec: Any) -> None:
     try:
         instantiate_class(([torch.nn.Parameter(torch.zeros(1))],), {"class_path": spec.class_path, "init_args": args})
     except (ValueError, TypeError) as err:
-        raise DallmError(f"--model.optimizer {spec.class_path} {args}: {err}") from err
+        # Name the init arg the optimizer complains about ("Invalid weight_decay value: -1.0").
+        named = next((k for k in sorted(args, key=len, reverse=True) if k in str(err)), None)
+        flag = f"--model.optimizer.{named}" if named else "--model.optimizer"
+        raise DallmError(f"{flag} ({spec.class_path}): {err}") from err
     except (ImportError, RuntimeError):
         return  # e.g. a CUDA-only optimizer on a CPU login node: the real construction will say
 
@@ -87,6 +90,12 @@ def check_tokens(model: Any) -> None:
     from transformers import CLIPTokenizer
 
     src = model.get("pretrained_model_name_or_path")
+    if Path(str(src)).is_dir() and not (Path(str(src)) / "tokenizer").is_dir():
+        # transformers would build an empty tokenizer from nothing and every token check would pass.
+        raise DallmError(
+            f"--model.pretrained_model_name_or_path {src}: no tokenizer/ folder; a base model directory "
+            "has the diffusers layout (vae/, text_encoder/, tokenizer/, unet/, scheduler/)"
+        )
     try:
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=model.get("revision"))
     except (OSError, ValueError) as err:
@@ -97,6 +106,34 @@ def check_tokens(model: Any) -> None:
         ) from err
     if placeholder:
         tokens.check_placeholder_tokens(tokenizer, placeholder, model.get("initializer_token"))
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Read every `--config FILE` of the command line as YAML first, so a syntax error names the file.
+
+    jsonargparse parses the file's text and reports `"<unicode string>", line 1` without the file name.
+    """
+    import yaml
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue  # jsonargparse's own message names a missing file
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise DallmError(f"--config {path}: malformed YAML{where}: {problem}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DallmError(
+                f"--config {path}: expected a mapping of sections (model:, data:, trainer:, ...), "
+                f"got a {type(loaded).__name__}"
+            )
 
 
 def check_config(cfg: Any, subcommand: str) -> None:

@@ -416,6 +416,10 @@ def _run(cfg: Any, key: str) -> int:
                 "OPENAI_API_KEY is not set: export it (the key is read from the environment only, so that it "
                 "never lands in shell history, configs or logs); nothing was requested"
             )
+    if cfg.backend == "folder":
+        from dallm.data import list_images
+
+        list_images(cfg.src, "--src")  # a missing --src fails before --out is created
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out: {out} is not a directory")
