@@ -15,7 +15,6 @@ import torch
 from dallm import resume, tokens
 from dallm.errors import DallmError
 
-
 # Largest image dallm decodes: 40 megapixels (a 7000x5700 photo). Training runs at 512-1024 px; an 8000x8000
 # file decodes to 192 MB of RGB and several times that as float tensors (ArrayMemoryError on small hosts).
 MAX_IMAGE_PIXELS = 40_000_000
@@ -72,7 +71,9 @@ def check_optimizer(spec: Any) -> None:
     if isinstance(lr, (int, float)) and lr <= 0:
         raise DallmError(f"--model.optimizer.lr must be > 0, got {lr}")
     try:
-        instantiate_class(([torch.nn.Parameter(torch.zeros(1))],), {"class_path": spec.class_path, "init_args": args})
+        instantiate_class(
+            ([torch.nn.Parameter(torch.zeros(1))],), {"class_path": spec.class_path, "init_args": args}
+        )
     except (ValueError, TypeError) as err:
         # Name the init arg the optimizer complains about ("Invalid weight_decay value: -1.0").
         named = next((k for k in sorted(args, key=len, reverse=True) if k in str(err)), None)
@@ -99,7 +100,11 @@ def check_tokens(model: Any) -> None:
     try:
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=model.get("revision"))
     except (OSError, ValueError) as err:
-        where = "local directory" if Path(str(src)).exists() else "hub id (is HF_HUB_OFFLINE set, or is it cached?)"
+        where = (
+            "local directory"
+            if Path(str(src)).exists()
+            else "hub id (is HF_HUB_OFFLINE set, or is it cached?)"
+        )
         raise DallmError(
             f"--model.pretrained_model_name_or_path: cannot load the tokenizer of {src!r} as a {where}: "
             f"{(str(err).splitlines() or [''])[0]}"
@@ -158,9 +163,9 @@ def check_config(cfg: Any, subcommand: str) -> None:
     init = getattr(logger, "init_args", None)
     if init is not None and init.get("save_dir"):
         check_writable_dir(init.save_dir, "--trainer.logger.init_args.save_dir")
-    if subcommand == "fit":
-        resume.resolve_last_checkpoint(cfg)
+    leftovers = resume.resolve_last_checkpoint(cfg) if subcommand == "fit" else []
     resume.check_resume(cfg, subcommand)
     if cfg.get("model") is not None:
         check_optimizer(cfg.model.get("optimizer"))
         check_tokens(cfg.model)
+    resume.tidy(leftovers)  # the first write of an accepted resume, after every check passed

@@ -108,7 +108,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
         # A checkpoint from someone else is code under a full unpickle; dallm's hold only tensors and data.
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
@@ -169,32 +171,46 @@ def newest_readable(checkpoints: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def remove_stale_checkpoint_temps(checkpoints: Path) -> list[Path]:
-    """Delete temp files a killed checkpoint write left (fsspec/Lightning write `NAME.ckpt.tmp*` or `*.tmp`).
+def stale_checkpoint_temps(checkpoints: Path) -> list[Path]:
+    """Temp files a killed checkpoint write left in a run's checkpoints/ (`.NAME.*.tmp`, or `*.tmp*`)."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted({p for pattern in ("*.tmp*", ".*.tmp") for p in checkpoints.glob(pattern) if p.is_file()})
 
-    Only called on a resume, when no writer of that run is alive.
+
+def tidy(paths: list[Path]) -> None:
+    """After an accepted resume: remove stale temp files, and set an unreadable last.ckpt aside.
+
+    An unreadable last.ckpt left in place would make Lightning write `last-v1.ckpt` beside it, and the
+    next `--ckpt_path last` would find the broken one first. Only called when no writer of the run lives.
     """
-    stale = [p for p in checkpoints.glob("*.tmp*") if p.is_file()] if checkpoints.is_dir() else []
-    stale += [p for p in checkpoints.glob(".*.tmp") if p.is_file() and p not in stale]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    for p in paths:
+        if p.name == "last.ckpt":
+            aside = p.with_name("last.ckpt.unreadable")
+            p.replace(aside)
+            print(f"dallm: moved the unreadable {p} to {aside.name}")
+        else:
+            p.unlink(missing_ok=True)
+            print(f"dallm: removed {p} (left by a killed checkpoint write)")
 
 
-def resolve_last_checkpoint(cfg) -> None:
+def resolve_last_checkpoint(cfg) -> list[Path]:
     """Make `--ckpt_path last` resume the newest run of this logger name, in its own run directory.
 
     Lightning's own "last" looks only in the new run's (empty) version directory and then starts from
     scratch with a warning; here it finds `<save_dir>/<name>/version_k/checkpoints/last.ckpt` (or, when
     that is missing or unreadable after a kill, the newest readable `step=*.ckpt`, saying so), resumes
     from it and keeps logging into version_k so the TensorBoard curves continue.
+
+    Returns the files to tidy once the resume is accepted (see `tidy`): nothing is touched here, so a
+    refused resume writes nothing.
     """
     if cfg.get("ckpt_path") != "last":
-        return
+        return []
     logger = cfg.trainer.get("logger")
     init = getattr(logger, "init_args", None)
     if init is None:
-        return  # no TensorBoard logger to follow: leave "last" to Lightning's checkpoint dirs
+        return []  # no TensorBoard logger to follow: leave "last" to Lightning's checkpoint dirs
     save_dir = Path(init.get("save_dir") or "lightning_logs")
     name = init.get("name") or ""
     root = save_dir / name
@@ -213,10 +229,11 @@ def resolve_last_checkpoint(cfg) -> None:
             print(f"dallm: {note}; falling back to {found}")
         cfg.ckpt_path = str(found)
         init.version = int(run.name.split("_")[1]) if re.fullmatch(r"version_\d+", run.name) else run.name
-        for p in remove_stale_checkpoint_temps(run / "checkpoints"):
-            print(f"dallm: removed {p} (left by a killed checkpoint write)")
         print(f"dallm: resuming {cfg.ckpt_path}")
-        return
+        checkpoints = run / "checkpoints"
+        last = checkpoints / "last.ckpt"
+        unreadable = [last] if found != last and last.is_file() else []
+        return unreadable + stale_checkpoint_temps(checkpoints)
     raise DallmError(
         f"--ckpt_path last: no readable checkpoints/last.ckpt or step=*.ckpt under {root}/version_*: "
         "nothing to resume"
@@ -262,6 +279,15 @@ def contract_differences(cfg, ckpt: dict[str, Any]) -> list[str]:
             held = lora.get("initial_lr", lora.get("lr")) if key == "lr" else lora.get(key)
             if key in given and held is not None and _plain(held) != _plain(given[key]):
                 diffs.append(f"--model.optimizer.{key} {_plain(held)!r} vs {_plain(given[key])!r}")
+    # The schedule's settings live in its state, which Lightning restores over the new scheduler: a
+    # changed total_iters / T_max / ... would be silently ignored, so it is refused like the rest.
+    sched_states = ckpt.get("lr_schedulers") or []
+    sched_args = _get(cfg, "model.lr_scheduler.init_args") or {}
+    if sched_states and isinstance(sched_states[0], dict):
+        for key, value in sched_args.items():
+            held = sched_states[0].get(key)
+            if key in sched_states[0] and _plain(held) != _plain(value):
+                diffs.append(f"--model.lr_scheduler.{key} {_plain(held)!r} vs {_plain(value)!r}")
     return diffs
 
 
