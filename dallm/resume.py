@@ -260,13 +260,32 @@ def _get(cfg, dotted: str) -> Any:
     return _plain(node)
 
 
-def contract_differences(cfg, ckpt: dict[str, Any]) -> list[str]:
-    """`--flag checkpoint-value vs given-value` for every contract flag that differs from the checkpoint."""
+# What the weights themselves are: all that `validate` needs to match (it scores, it does not train).
+SHAPE_CONTRACT = (
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "rank",
+    "alpha",
+    "target_modules",
+    "train_text_encoder",
+    "text_encoder_target_modules",
+    "placeholder_tokens",
+)
+
+
+def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True) -> list[str]:
+    """`--flag checkpoint-value vs given-value` for every contract flag that differs from the checkpoint.
+
+    `training=False` (validate) compares only the flags that define the weights (SHAPE_CONTRACT).
+    """
     diffs = []
     hp = ckpt.get("hyper_parameters") or {}
-    for key in MODEL_CONTRACT:
+    for key in MODEL_CONTRACT if training else SHAPE_CONTRACT:
         if key in hp and _plain(hp[key]) != _get(cfg, f"model.{key}"):
             diffs.append(f"--model.{key} {_plain(hp[key])!r} vs {_get(cfg, f'model.{key}')!r}")
+    if not training:
+        return diffs
     dhp = ckpt.get("datamodule_hyper_parameters") or {}
     for key in DATA_CONTRACT:
         if key in dhp and _plain(dhp[key]) != _get(cfg, f"data.{key}"):
@@ -301,12 +320,12 @@ def check_resume(cfg, subcommand: str) -> None:
     if not path:
         return
     ckpt = load_checkpoint(path)
-    diffs = contract_differences(cfg, ckpt)
+    diffs = contract_differences(cfg, ckpt, training=subcommand == "fit")
     if diffs:
         raise DallmError(
             f"--ckpt_path {path}: the checkpoint holds another model than these flags ask for "
-            f"(checkpoint vs given): {'; '.join(diffs)}. A resumed run trains what its checkpoint holds: "
-            "drop these flags, or start a new run without --ckpt_path"
+            f"(checkpoint vs given): {'; '.join(diffs)}. A resumed run trains (and validate scores) what the "
+            "checkpoint holds: drop these flags, or start a new run without --ckpt_path"
         )
     if subcommand != "fit":
         return
