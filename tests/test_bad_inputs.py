@@ -593,3 +593,32 @@ def test_resume_honours_max_steps_and_falls_back_from_an_unreadable_last(tmp_pat
     assert not list(ckpts.glob("last-v*.ckpt"))
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 4
     assert "max_steps: 4" in (ckpts.parent / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_read_only_file_system_is_one_line_before_any_work(tmp_path):
+    """A real read-only mount (tmpfs, ro) in a user namespace: the log dir is refused, nothing is made."""
+    import shutil
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed to mount a read-only file system for this test")
+    # The log dir (the prior dir's read-only case runs in-process above, on /proc/sys): one subprocess.
+    for flag in ("--trainer.logger.init_args.save_dir",):
+        cmd = fit_args(tmp_path, "--data.prior_dir", str(tmp_path / "w" / "x"), flag, str(ro / "sub"))
+        script = f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m dallm " + " ".join(
+            f"'{a}'" for a in cmd
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        env.pop("DALLM_TRACEBACK", None)
+        result = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert lines[-1].startswith(f"dallm: error: {flag} {ro / 'sub'}") and "read-only" in lines[-1]
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "w").exists()
