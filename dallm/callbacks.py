@@ -260,6 +260,10 @@ class KIDCallback(pl.Callback):
             raise ValueError(f"--kid.scheduler must be dpm++, ddim or model, got {scheduler!r}")
         if batch_size < 1 or feature_batch_size < 1:
             raise ValueError("--kid.batch_size and --kid.feature_batch_size must be >= 1")
+        if subset_size < 2:  # checked now, not at the first KID round after class images and model loading
+            raise ValueError(f"--kid.subset_size must be >= 2 (KID compares pairs), got {subset_size}")
+        if subsets < 1:
+            raise ValueError(f"--kid.subsets must be >= 1, got {subsets}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.feature = feature

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import re
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from dallm import preflight
 from dallm.callbacks import (
     KIDCallback,
     KIDEarlyStopping,
@@ -24,7 +22,9 @@ from dallm.callbacks import (
     run_dir,
 )
 from dallm.data import DallmDataModule
+from dallm.errors import PARSER_KWARGS, error_boundary
 from dallm.module import DallmModule
+from dallm.resume import resolve_last_checkpoint  # noqa: F401 (public name of this module before)
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -39,6 +39,8 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 10,
+    # Checkpoints written atomically next to themselves, loaded with weights_only=True (dallm.resume).
+    "plugins": {"class_path": "dallm.resume.AtomicCheckpointIO"},
 }
 
 
@@ -96,9 +98,14 @@ class DallmCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would copy the checkpoint's hparams over the given flags (silently training another
+        # model than asked for); dallm checks them against the checkpoint instead (preflight.check_config).
+        return
+
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":
-            resolve_last_checkpoint(self.config[self.subcommand])
+        # Everything that needs only the config, the tokenizer or a file listing, before any write.
+        preflight.check_config(self.config[self.subcommand], self.subcommand)
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, plus the step-counting progress bar and, for fit, the best-KID checkpoint and early stop."""
@@ -146,56 +153,30 @@ class DallmCLI(LightningCLI):
                 )
 
 
-def resolve_last_checkpoint(cfg) -> None:
-    """Make `--ckpt_path last` resume the newest run of this logger name, in its own run directory.
-
-    Lightning's own "last" looks only in the new run's (empty) version directory and then starts from
-    scratch with a warning; here it finds `<save_dir>/<name>/version_k/checkpoints/last.ckpt`, resumes
-    from it and keeps logging into version_k so the TensorBoard curves continue.
-    """
-    if cfg.get("ckpt_path") != "last":
-        return
-    logger = cfg.trainer.get("logger")
-    init = getattr(logger, "init_args", None)
-    if init is None:
-        return  # no TensorBoard logger to follow: leave "last" to Lightning's checkpoint dirs
-    save_dir = Path(init.get("save_dir") or "lightning_logs")
-    name = init.get("name") or ""
-    root = save_dir / name
-    if init.get("version") is not None:
-        candidates = [root / (init.version if isinstance(init.version, str) else f"version_{init.version}")]
-    else:
-        candidates = sorted(
-            (p for p in root.glob("version_*") if re.fullmatch(r"version_\d+", p.name)),
-            key=lambda p: int(p.name.split("_")[1]),
-        )
-    runs = [p for p in candidates if (p / "checkpoints" / "last.ckpt").exists()]
-    if not runs:
-        raise ValueError(
-            f"--ckpt_path last: no checkpoints/last.ckpt under {root}/version_*: nothing to resume"
-        )
-    run = runs[-1]
-    cfg.ckpt_path = str(run / "checkpoints" / "last.ckpt")
-    init.version = int(run.name.split("_")[1]) if re.fullmatch(r"version_\d+", run.name) else run.name
-    print(f"dallm: resuming {cfg.ckpt_path}")
-
-
 def main(args: ArgsType = None) -> DallmCLI | None:
-    """Entry point of `python -m dallm` and the `dallm` script; tests call it in-process."""
+    """Entry point of `python -m dallm` and the `dallm` script; tests call it in-process.
+
+    Every command runs inside `error_boundary`: bad input is one line `dallm: error: ...`, exit 2.
+    """
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, (list, tuple)) and argv and argv[0] in COMMANDS:
-        # Not a training command: no LightningCLI around it.
-        module, func = COMMANDS[argv[0]].split(":")
-        raise SystemExit(getattr(importlib.import_module(module), func)(list(argv[1:])))
-    # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    try:
+    command = argv[0] if isinstance(argv, (list, tuple)) and argv and isinstance(argv[0], str) else ""
+    with error_boundary(command):
+        if command in COMMANDS:
+            # Not a training command: no LightningCLI around it.
+            module, func = COMMANDS[command].split(":")
+            raise SystemExit(getattr(importlib.import_module(module), func)(list(argv[1:])))
+        if isinstance(argv, (list, tuple)):
+            preflight.check_config_files([str(a) for a in argv])
+        # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         cli = DallmCLI(
             DallmModule,
             DallmDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            # Argument errors raise (one line at the boundary) instead of printing the whole usage.
+            parser_kwargs={**PARSER_KWARGS, **{name: dict(PARSER_KWARGS) for name in DallmCLI.subcommands()}},
             args=args,
         )
         # Lightning leaves the process group up; a gloo group still alive at interpreter exit can abort
@@ -203,9 +184,3 @@ def main(args: ArgsType = None) -> DallmCLI | None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return cli
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        # Bad input gets one line naming the culprit, not a 60-line traceback through Lightning.
-        if os.environ.get("DALLM_TRACEBACK"):
-            raise
-        print(f"dallm: error: {err}\n  (DALLM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from err

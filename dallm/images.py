@@ -11,7 +11,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from dallm.errors import DallmError
 from dallm.manifest import IMAGE_EXTENSIONS
+
+# Largest image dallm decodes: 40 megapixels (a 7000x5700 photo). Training runs at 512-1024 px; an 8000x8000
+# file decodes to 192 MB of RGB and several times that as float tensors (ArrayMemoryError on small hosts).
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def check_image_size(path: str | Path, size: tuple[int, int]) -> None:
+    """Refuse an image larger than MAX_IMAGE_PIXELS from its header size, before decoding it.
+
+    Called by `load_rgb` between `Image.open` (which reads only the header) and `im.load()`.
+    """
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DallmError(
+            f"{path}: image is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than dallm "
+            f"decodes ({MAX_IMAGE_PIXELS / 1e6:.0f}); downscale it (training uses at most ~1024 px)"
+        )
+
 
 
 def list_images(directory: str | Path, flag: str) -> list[Path]:
@@ -69,9 +88,12 @@ def load_rgb(path: str | Path) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
+            check_image_size(path, im.size)  # from the header, before a huge decode runs out of memory
             im.load()  # decodes now, so a truncated file fails here and not mid-training
             im = ImageOps.exif_transpose(im)  # a phone photo is trained upright, as it is displayed
             return _to_rgb(im)
+    except DallmError:
+        raise
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
         raise ValueError(f"{path}: cannot read image: {err}") from err
 

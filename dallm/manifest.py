@@ -113,6 +113,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_bytes_atomic(data: bytes, path: str | Path) -> str:
     """Write `data` to `path` via a temp file + `os.replace`; return the sha256 of the bytes.
 
@@ -123,6 +130,7 @@ def save_bytes_atomic(data: bytes, path: str | Path) -> str:
     # Temp file in the same directory: os.replace is only atomic within one file system.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would respect the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -265,8 +265,13 @@ def _decode_item(item: Any) -> DecodedImage:
     return DecodedImage(raw, size, revised if isinstance(revised, str) else None)
 
 
-def decode_response(body: bytes, request_id: str | None) -> tuple[int | None, list[DecodedImage | str]]:
+def decode_response(
+    body: bytes, request_id: str | None, expected_size: str | None = None
+) -> tuple[int | None, list[DecodedImage | str]]:
     """(created, one DecodedImage or an error message per returned image) of an Images API body.
+
+    An image whose size is not `expected_size` ("WxH"; None or "auto": any) is malformed like a broken
+    one: a 32x32 answer to a 512x512 request would train at another resolution without a word.
 
     Raises:
         MalformedResponse: naming the request id, when the body is not JSON with a "data" list.
@@ -281,7 +286,10 @@ def decode_response(body: bytes, request_id: str | None) -> tuple[int | None, li
     items: list[DecodedImage | str] = []
     for k, item in enumerate(payload["data"]):
         try:
-            items.append(_decode_item(item))
+            decoded = _decode_item(item)
+            if expected_size not in (None, "auto") and decoded.size != expected_size:
+                raise ValueError(f"it is {decoded.size}, not the requested {expected_size}")
+            items.append(decoded)
         except ValueError as err:
             items.append(f"request {request_id}: image {k} of the response is malformed: {err}")
     return (int(created) if isinstance(created, int | float) else None), items
@@ -402,7 +410,7 @@ class _Fetcher:
             else:
                 out.request_id = raw.headers.get("x-request-id")
                 try:
-                    out.created, out.images = decode_response(raw.content, out.request_id)
+                    out.created, out.images = decode_response(raw.content, out.request_id, self.request.size)
                 except MalformedResponse as err:
                     out.failed = redact(str(err), self.key)
                 return out

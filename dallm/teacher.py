@@ -195,6 +195,7 @@ class FolderBackend(Backend):
     def __init__(self, f: dict[str, Any]) -> None:
         self.f = f
         self.sources: list[tuple[Path, str]] = []
+        list_images(f["src"], "--src")  # a missing or empty --src fails before --out is created
 
     def count(self) -> int:
         f = self.f

@@ -51,13 +51,12 @@ class PlaceholderEmbedding(nn.Module):
         return torch.where(is_new.unsqueeze(-1), new.to(out.dtype), out)
 
 
-def add_placeholder_tokens(
-    tokenizer, text_encoder: nn.Module, tokens: list[str], initializer_token: str | None
-) -> PlaceholderEmbedding:
-    """Add `tokens` to `tokenizer` as distinct new ids and give `text_encoder` trainable rows for them.
+def check_placeholder_tokens(tokenizer, tokens: list[str], initializer_token: str | None) -> None:
+    """Refuse placeholder tokens the tokenizer already knows, and an initializer that is not one token.
 
-    Rows are initialised from the embedding of `initializer_token` (one token), or randomly with the
-    table's own scale when it is None.
+    Needs only the tokenizer, so `fit` runs it before class images are generated. A placeholder that is a
+    vocabulary entry itself (`<|endoftext|>`) or that tokenizes to one (`circle` -> `circle</w>`: CLIP
+    stores whole words with an end-of-word marker) would take that word away from every other prompt.
     """
     if not tokens:
         raise ValueError("--model.placeholder_tokens is empty: pivotal tuning needs at least one token")
@@ -69,15 +68,13 @@ def add_placeholder_tokens(
             raise ValueError(
                 f"--model.placeholder_tokens: {token!r} must be a non-empty string without spaces"
             )
-        if token in vocab:
+        pieces = tokenizer.tokenize(token)
+        if token in vocab or (len(pieces) == 1 and pieces[0] in vocab):
             raise ValueError(
-                f"--model.placeholder_tokens: {token!r} is already in the tokenizer's vocabulary; "
-                "choose a string it does not know, such as '<s1>'"
+                f"--model.placeholder_tokens: {token!r} is already in the tokenizer's vocabulary"
+                f"{f' as {pieces[0]!r}' if token not in vocab else ''}; choose a string it does not know, "
+                "such as '<s1>'"
             )
-    base: nn.Embedding = text_encoder.get_input_embeddings()
-    if isinstance(base, PlaceholderEmbedding):
-        raise ValueError("the text encoder already has placeholder tokens")
-
     if initializer_token is not None:
         init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
         if len(init_ids) != 1:
@@ -86,6 +83,24 @@ def add_placeholder_tokens(
                 f"--model.initializer_token: {initializer_token!r} is {len(init_ids)} tokens {pieces}, "
                 "not one; choose a single-token word"
             )
+
+
+def add_placeholder_tokens(
+    tokenizer, text_encoder: nn.Module, tokens: list[str], initializer_token: str | None
+) -> PlaceholderEmbedding:
+    """Add `tokens` to `tokenizer` as distinct new ids and give `text_encoder` trainable rows for them.
+
+    Rows are initialised from the embedding of `initializer_token` (one token), or randomly with the
+    table's own scale when it is None.
+    """
+    check_placeholder_tokens(tokenizer, tokens, initializer_token)
+    vocab = tokenizer.get_vocab()
+    base: nn.Embedding = text_encoder.get_input_embeddings()
+    if isinstance(base, PlaceholderEmbedding):
+        raise ValueError("the text encoder already has placeholder tokens")
+
+    if initializer_token is not None:
+        init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
         init = base.weight[init_ids[0]].detach().float().expand(len(tokens), -1)
     else:
         std = base.weight.detach().float().std()

@@ -175,13 +175,13 @@ def one_line_error(capsys, run) -> str:
         run()
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-2].startswith("dallm: error: ")
-    return lines[-2]
+    assert lines[-1].startswith("dallm: error: ")
+    return lines[-1]
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     line = one_line_error(capsys, lambda: fit(tmp_path, "--ckpt_path", "last"))
-    assert "--ckpt_path last: no checkpoints/last.ckpt" in line
+    assert "--ckpt_path last: no readable checkpoints/last.ckpt" in line
 
 
 @pytest.mark.slow

@@ -36,17 +36,19 @@ PROMPT = "a realistic painting of a cat in baroque art style"
 # ------------------------------------------------------------------------------ a fake Images API
 
 
-def png_b64(k: int, i: int, size: int = 8) -> str:
-    """A small PNG, distinct for (request k, image i)."""
+def png_b64(k: int, i: int, size: int | tuple[int, int] = 8) -> str:
+    """A PNG (one colour: a few hundred bytes at any size), distinct for (request k, image i)."""
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), (k * 37 % 256, i * 53 % 256, 99)).save(buf, format="PNG")
+    wh = (size, size) if isinstance(size, int) else size
+    Image.new("RGB", wh, (k * 37 % 256, i * 53 % 256, 99)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def ok(body: dict, k: int) -> Response:
     """The Images API's success: one b64 image per requested n, dall-e-3 with a revised prompt."""
     revised = f"{body['prompt']}, revised {k}" if body["model"] == "dall-e-3" else None
-    data = [{"b64_json": png_b64(k, i), "revised_prompt": revised} for i in range(body.get("n", 1))]
+    w, h = (int(v) for v in body["size"].split("x"))  # the size asked for: dallm refuses any other
+    data = [{"b64_json": png_b64(k, i, (w, h)), "revised_prompt": revised} for i in range(body.get("n", 1))]
     return json_response({"created": 1_700_000_000 + k, "data": data}, k)
 
 
@@ -286,7 +288,7 @@ def test_content_policy_refusal_is_recorded_counted_and_stops_after_max_refusals
 
 def test_malformed_b64_or_json_names_the_request_and_keeps_the_other_images(api, tmp_path, capsys):
     def bad_item(body, k):
-        data = [{"b64_json": png_b64(k, i)} for i in range(body["n"])]
+        data = [{"b64_json": png_b64(k, i, 512)} for i in range(body["n"])]
         data[2]["b64_json"] = "!!! not base64 !!!"
         return json_response({"created": 1_700_000_000, "data": data}, k)
 
