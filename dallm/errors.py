@@ -49,6 +49,9 @@ def one_line(err: BaseException, command: str = "") -> str:
     text = str(err) or type(err).__name__  # an OSError's str holds its path: "[Errno 30] ...: '/x'"
     if isinstance(err, MisconfigurationException):
         text = f"--trainer: {text}"
+    key = os.environ.get("OPENAI_API_KEY", "")
+    if len(key) >= 4:  # a server or SDK may echo the key in its error: it never reaches the terminal or logs
+        text = text.replace(key, "<OPENAI_API_KEY>")
     text = " ".join(text.split())
     if len(text) > _MAX_CHARS:
         text = text[: _MAX_CHARS - 3] + "..."

@@ -4,12 +4,11 @@ of dallm.formats, with a model card. A command module: the library never imports
 from __future__ import annotations
 
 import inspect
-import os
-import sys
 from pathlib import Path
 
 import torch
 
+from dallm.errors import PARSER_KWARGS, DallmError
 from dallm.formats import check_formats, run_name, write_exports
 
 
@@ -86,10 +85,7 @@ def export_main(argv: list[str]) -> int:
     """`dallm export CKPT|RUN_DIR --format diffusers,kohya --out DIR`; errors on one line, exit status 2."""
     from jsonargparse import CLI
 
-    try:
-        return CLI(export, args=argv, as_positional=True, prog="dallm export")
-    except (ValueError, OSError, KeyError) as err:
-        if os.environ.get("DALLM_TRACEBACK"):
-            raise
-        print(f"dallm export: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    try:  # other errors reach cli.main's boundary: one line, exit 2
+        return CLI(export, args=argv, as_positional=True, prog="dallm export", **PARSER_KWARGS)
+    except KeyError as err:  # a checkpoint without dallm's entries
+        raise DallmError(f"SOURCE: not a dallm checkpoint (no {err} in it)") from err

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 from typing import Any
 
 import torch
 
+from dallm.errors import PARSER_KWARGS
 from dallm.metrics import build_feature_extractor, check_kid_dirs, kid_of_dirs, relative_kid_of_dirs
 
 
@@ -36,7 +36,7 @@ def kid(
     2016): KID of each against REAL (kid_a, kid_b), diff = kid_a - kid_b with diff_se, and p_value, the
     one-sided p-value that FAKE_DIR (A) is closer to REAL_DIR than FAKE_B_DIR (B) is. Each image is
     decoded and resized on its own to the feature extractor's input. Bad input prints one line
-    `dallm kid: error: ...` and exits with status 2.
+    `dallm: error: ...` and exits with status 2.
 
     Args:
         real_dir: Directory of reference (teacher) images.
@@ -88,7 +88,7 @@ def kid_parser():
 
     doc = inspect.cleandoc(kid.__doc__ or "")
     params = {p.arg_name: p.description for p in parse(doc).params}
-    parser = ArgumentParser(prog="dallm kid", description=doc.split("\nArgs:")[0].strip())
+    parser = ArgumentParser(prog="dallm kid", description=doc.split("\nArgs:")[0].strip(), **PARSER_KWARGS)
     parser.add_argument("real_dir", type=str, help=params["real_dir"])
     parser.add_argument("fake_dir", type=str, help=params["fake_dir"])
     parser.add_argument("fake_b_dir", nargs="?", type=str | None, default=None, help=params["fake_b_dir"])
@@ -98,14 +98,7 @@ def kid_parser():
 
 def kid_main(argv: list[str]) -> int:
     """`dallm kid ...`: parse `argv`, run `kid`, print its JSON; errors become one line and status 2."""
-    cfg = kid_parser().parse_args(argv)  # usage errors: jsonargparse prints them and exits 2
-    try:
-        result = kid(**{k: v for k, v in cfg.as_dict().items() if k != "config"})
-    except (ValueError, OSError) as err:  # OSError covers FileNotFoundError / NotADirectoryError
-        if os.environ.get("DALLM_TRACEBACK"):
-            raise
-        message = " ".join(str(err).split())  # one line, whatever the library's message looked like
-        print(f"dallm kid: error: {message}", file=sys.stderr)
-        return 2
+    cfg = kid_parser().parse_args(argv)  # errors reach cli.main's boundary: one line, exit 2
+    result = kid(**{k: v for k, v in cfg.as_dict().items() if k != "config"})
     print(json.dumps(result))
     return 0

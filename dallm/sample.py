@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -196,6 +195,8 @@ def sample_main(argv: list[str]) -> int:
     """`dallm sample --lora RUN_DIR|LORA_DIR [...]`: errors on one line, exit status 2."""
     from jsonargparse import CLI
 
+    from dallm.errors import PARSER_KWARGS
+
     # `--prompt a --prompt b` appends (jsonargparse's list syntax is `--prompt+ a`); a bare `--compare` is true.
     argv = [
         "--prompt+" if a == "--prompt" else "--prompt+=" + a[9:] if a.startswith("--prompt=") else a
@@ -203,10 +204,5 @@ def sample_main(argv: list[str]) -> int:
     ]
     argv = [x for i, a in enumerate(argv) for x in (
         [a, "true"] if a == "--compare" and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else [a])]  # fmt: skip
-    try:
-        return CLI(sample, args=argv, as_positional=False, prog="dallm sample")
-    except (ValueError, OSError) as err:
-        if os.environ.get("DALLM_TRACEBACK"):
-            raise
-        print(f"dallm sample: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    # Errors reach cli.main's boundary: one line, exit 2.
+    return CLI(sample, args=argv, as_positional=False, prog="dallm sample", **PARSER_KWARGS)

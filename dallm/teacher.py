@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from dallm.errors import PARSER_KWARGS, DallmError
 from dallm.images import list_images, load_rgb
 from dallm.manifest import (
     append_manifest,
@@ -337,7 +338,7 @@ def teacher(
     stderr, and a summary. Exit status: 0 when every wanted image is present, 1 when the run ended with
     images still missing (failed requests, too many refusals: re-run the same command), 2 on bad input, a
     refused plan (--max_cost) or an error that stops the run (401, unknown model, ...), reported on one
-    line `dallm teacher: error: ...`. DALLM_TRACEBACK=1 shows the traceback instead.
+    line `dallm: error: ...`. DALLM_TRACEBACK=1 shows the traceback instead.
 
     Args:
         backend: openai: the Images API; diffusers: a diffusers text-to-image pipeline; folder: import --src.
@@ -435,22 +436,15 @@ def teacher_parser():
     from jsonargparse import ArgumentParser
 
     description = inspect.cleandoc(teacher.__doc__ or "").split("\nArgs:")[0].strip()
-    parser = ArgumentParser(prog="dallm teacher", description=description)
+    parser = ArgumentParser(prog="dallm teacher", description=description, **PARSER_KWARGS)
     parser.add_function_arguments(teacher, as_group=False)
     return parser
 
 
 def teacher_main(argv: list[str]) -> int:
     """`dallm teacher ...`: parse `argv`, run `teacher`, and turn its errors into one line and exit status 2."""
-    cfg = teacher_parser().parse_args(argv)  # usage errors: jsonargparse prints them and exits 2
+    cfg = teacher_parser().parse_args(argv)  # errors reach cli.main's boundary: one line (key redacted), exit 2
     try:
         return teacher(**{k: v for k, v in cfg.as_dict().items() if k != "config"})
-    except (ValueError, OSError, RuntimeError) as err:
-        if os.environ.get("DALLM_TRACEBACK"):
-            raise
-        from dallm.openai_teacher import redact
-
-        key = os.environ.get("OPENAI_API_KEY", "")
-        message = " ".join(redact(str(err), key).split())  # one line, whatever the library's looked like
-        print(f"dallm teacher: error: {message}", file=sys.stderr)
-        return 2
+    except RuntimeError as err:  # a run stopped by the API, or a folder locked by another run: the user's to act on
+        raise DallmError(str(err)) from err

@@ -415,7 +415,7 @@ def test_dallm_kid_bad_input_is_one_error_line_and_exit_2(
     code, out, err = kid_cli(capsys, real, good, "--feature", feature, *extra)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("dallm kid: error: ")
-    assert sum(line.startswith("dallm kid: error:") for line in lines) == 1
+    assert lines[-1].startswith("dallm: error: ")
+    assert sum(line.startswith("dallm: error:") for line in lines) == 1
     assert "Traceback" not in err
     assert re.search(expected, lines[-1]), lines[-1]

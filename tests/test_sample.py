@@ -74,4 +74,4 @@ def test_sample_errors_name_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--lora", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "dallm sample: error: --lora" in capsys.readouterr().err
+    assert "dallm: error: --lora" in capsys.readouterr().err

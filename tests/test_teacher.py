@@ -112,7 +112,11 @@ def api(server, monkeypatch) -> ImagesAPI:
 
 
 def teacher(capsys, *args: str) -> tuple[int, str, str]:
-    code = teacher_main([*args, "--progress", "false"])
+    """`dallm teacher ARGS` through cli.main, so errors pass the one boundary every command shares."""
+    try:
+        code = main(["teacher", *args, "--progress", "false"])
+    except SystemExit as exc:
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -315,7 +319,7 @@ def test_401_stops_at_once_and_the_key_never_appears(api, tmp_path, capsys):
     out = tmp_path / "t"
     code, stdout, stderr = teacher(capsys, *openai_args(api, out, "dall-e-3", 10))
     assert code == 2 and 1 <= len(api.requests) <= 4  # only what was in flight with --concurrency 4
-    assert "dallm teacher: error: stopped: request req_" in stderr and "HTTP 401 invalid_api_key" in stderr
+    assert "dallm: error: stopped: request req_" in stderr and "HTTP 401 invalid_api_key" in stderr
     assert "<OPENAI_API_KEY>" in stderr
     assert_no_key(out, stdout, stderr)
 
