@@ -47,7 +47,7 @@ def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
     while any(len(s) > 1 for s in symbols.values()):
         counts: dict[tuple[str, str], int] = {}
         for s in symbols.values():
-            for pair in zip(s, s[1:]):
+            for pair in zip(s, s[1:], strict=False):
                 counts[pair] = counts.get(pair, 0) + 1
         best = min(counts, key=lambda pair: (-counts[pair], pair))  # ties: alphabetical, deterministic
         merges.append(best)
@@ -125,7 +125,8 @@ def _diffusers_model(cls, config: dict, device, dtype: torch.dtype, seed: int):
     # The SD UNet and VAE hold no buffers, so to_empty + filling every parameter leaves nothing unset.
     if any(True for _ in model.buffers()):
         raise RuntimeError(f"{cls.__name__} has buffers; random_init_ would leave them uninitialised")
-    return random_init_(model.to_empty(device=device).to(dtype), seed)
+    # nn.Module.to, not diffusers' override: that one warns on every dtype cast.
+    return random_init_(torch.nn.Module.to(model.to_empty(device=device), dtype), seed)
 
 
 def _sd15(device, dtype: torch.dtype, seed: int) -> dict:
@@ -211,3 +212,25 @@ def save_random_base(arch: str, out_dir: str | Path, dtype: torch.dtype = torch.
     # The published tokenizer folder is vocab.json + merges.txt; ship those files next to tokenizer.json.
     write_sd15_tokenizer(out_dir / "tokenizer")
     return out_dir
+
+
+def save_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """Write torch-fidelity's Inception-v3 (`inception-v3-compat`) with random weights, in its weights-file
+    format (a torch state dict), for `--kid.weights` / `$DALLM_INCEPTION_WEIGHTS` where the real file
+    (a download) is absent. Real shape and cost (11 GFLOP per image); the features mean nothing.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the default random init instead of the (empty) file below
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    torch.save(net.state_dict(), path)
+    return path

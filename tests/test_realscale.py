@@ -1,0 +1,140 @@
+"""The paper's configuration at real architecture: configs/sd15_baroque_cats.yaml end to end on the CPU.
+
+SD v1-5's architecture (random weights, `scripts/make_random_base.py`) goes through class-image
+generation, bf16-mixed training, Inception KID every step, checkpoint, LoRA export, resume with
+`--ckpt_path last`, and the export loads in diffusers on the same base. Only sizes are overridden
+(64 px, 2-3 steps, 2 class images and KID samples of 2 sampling steps), never the method.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dallm.arch import save_random_base, save_random_inception
+from dallm.tiny import make_tiny_images
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "sd15_baroque_cats.yaml"
+PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"
+CLASS = "a realistic painting of a cat in baroque art style"
+
+
+@pytest.fixture(scope="session")
+def sd15_base(tmp_path_factory) -> Path:
+    """SD v1-5 architecture, random weights, stored in fp16 (2 GiB; ~30 s on 2 cores)."""
+    return save_random_base("sd15", tmp_path_factory.mktemp("sd15") / "base", torch.float16)
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception-v3 weights file format, random values (the real file is a download)."""
+    return save_random_inception(tmp_path_factory.mktemp("inception") / "inception-random.pth")
+
+
+@pytest.mark.slow
+def test_sd15_tokenizer_matches_clip_where_it_matters(sd15_base):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(sd15_base, subfolder="tokenizer")
+    assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.model_max_length) == (49408, 49406, 49407, 77)
+    assert tok.tokenize(CLASS) == [w + "</w>" for w in CLASS.split()]  # every word one token
+    assert len(tok.encode("painting", add_special_tokens=False)) == 1  # the initializer word
+    tok.add_tokens(["<s1>", "<s2>"])
+    ids = tok(PROMPT).input_ids
+    assert ids[0] == 49406 and ids[-1] == 49407 and ids[-3:-1] == [49408, 49409]
+    te = CLIPTextModel.from_pretrained(sd15_base, subfolder="text_encoder")
+    assert te.get_input_embeddings().weight.shape == (49408, 768)
+
+
+def fit_args(base: Path, teacher: Path, tmp: Path, inception: Path, steps: int) -> list[str]:
+    return [
+        "fit", "--config", str(CONFIG),
+        "--model.pretrained_model_name_or_path", str(base),
+        "--data.teacher_dir", str(teacher), "--data.num_teacher_images", "4",
+        "--data.prior_dir", str(tmp / "prior"), "--data.num_prior_images", "2",
+        "--data.prior_generation_steps", "2", "--data.prior_batch_size", "2",
+        "--data.resolution", "64",
+        "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
+        "--checkpoint.every_n_train_steps", "2",
+        "--kid.every_n_steps", "1", "--kid.num_samples", "2", "--kid.num_inference_steps", "2",
+        "--kid.batch_size", "2", "--kid.weights", str(inception),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_paper_config_end_to_end_on_sd15_architecture(sd15_base, random_inception, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dallm.cli import main
+
+    teacher = tmp_path / "teacher"
+    make_tiny_images(teacher, 4, seed=0, size=64)
+    make_tiny_images(teacher / "val", 2, seed=1, size=64)
+
+    cli = main(fit_args(sd15_base, teacher, tmp_path, random_inception, steps=2))
+    model = cli.model
+    # bf16-mixed: the frozen base is stored in bf16; LoRA and token rows train in fp32.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) > 1e9 and all(p.dtype == torch.bfloat16 for p in frozen)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert model.param_counts["trainable"] == 797_184 + 2 * 768
+    assert len(list((tmp_path / "prior").glob("*.png"))) == 2
+    del cli, model
+
+    run = tmp_path / "logs" / "sd15_baroque_cats" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    at2 = ckpt["state_dict"]
+
+    # Resume: continues the same run directory to step 3; KID keeps its history (one round per step).
+    cli = main([*fit_args(sd15_base, teacher, tmp_path, random_inception, steps=3), "--ckpt_path", "last"])
+    del cli
+    assert not (run.parent / "version_1").exists()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert at2.keys() == ckpt["state_dict"].keys()
+    assert any(not torch.equal(at2[k], ckpt["state_dict"][k]) for k in at2)  # step 3 trained
+
+    events = EventAccumulator(str(run)).Reload()
+    for tag in ("kid/train", "kid/val", "kid/prior"):
+        values = {e.step: e.value for e in events.Scalars(tag)}
+        assert sorted(values) == [0, 1, 2, 3], (tag, values)
+        assert all(torch.isfinite(torch.tensor(v)) for v in values.values()), (tag, values)
+    assert [e.step for e in events.Scalars("val/loss")] == [1]  # after step 2 (logged at index 1)
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("val/loss"))
+
+    # The export of step 3 loads in diffusers on the same base and carries the checkpoint's weights.
+    out = run / "lora" / "last"
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_base, safety_checker=None, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(out)
+    pipe.load_textual_inversion([str(out / "s1.safetensors"), str(out / "s2.safetensors")])
+    assert pipe.tokenizer.tokenize("<s1><s2>") == ["<s1>", "<s2>"]
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<s1>")]
+    assert torch.allclose(row, load_file(out / "s1.safetensors")["<s1>"])
+    new_rows = next(v for k, v in ckpt["state_dict"].items() if k.endswith("new_embeddings"))
+    assert torch.allclose(row, new_rows[0])
+    image = pipe(PROMPT, num_inference_steps=1, height=64, width=64, output_type="pt").images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+@pytest.mark.slow
+def test_make_random_base_script_writes_a_loadable_tiny_base(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/make_random_base.py"), "--arch", "tiny", "--out", str(tmp_path)],
+        check=True,
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
+    assert pipe.unet.config.cross_attention_dim == 32
