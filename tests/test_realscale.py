@@ -110,8 +110,8 @@ def test_paper_config_end_to_end_on_sd15_architecture(sd15_base, random_inceptio
         values = {e.step: e.value for e in events.Scalars(tag)}
         assert sorted(values) == [0, 1, 2, 3], (tag, values)
         assert all(torch.isfinite(torch.tensor(v)) for v in values.values()), (tag, values)
-    assert [e.step for e in events.Scalars("val/loss")] == [1]  # after step 2 (logged at index 1)
-    assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("val/loss"))
+    val_loss = [e.value for e in events.Scalars("val/loss")]  # the held-out diffusion loss, in bf16
+    assert val_loss and all(torch.isfinite(torch.tensor(v)) for v in val_loss), val_loss
 
     # The export of step 3 loads in diffusers on the same base and carries the checkpoint's weights.
     out = run / "lora" / "last"
