@@ -8,6 +8,7 @@ generation, bf16-mixed training, Inception KID every step, checkpoint, LoRA expo
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,7 @@ def test_paper_config_end_to_end_on_sd15_architecture(sd15_base, random_inceptio
     assert model.param_counts["trainable"] == 797_184 + 2 * 768
     assert len(list((tmp_path / "prior").glob("*.png"))) == 2
     del cli, model
+    gc.collect()  # Lightning's trainer holds reference cycles: free the 2 GiB base before the next load
 
     run = tmp_path / "logs" / "sd15_baroque_cats" / "version_0"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -99,6 +101,7 @@ def test_paper_config_end_to_end_on_sd15_architecture(sd15_base, random_inceptio
     # Resume: continues the same run directory to step 3; KID keeps its history (one round per step).
     cli = main([*fit_args(sd15_base, teacher, tmp_path, random_inception, steps=3), "--ckpt_path", "last"])
     del cli
+    gc.collect()
     assert not (run.parent / "version_1").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
@@ -115,15 +118,15 @@ def test_paper_config_end_to_end_on_sd15_architecture(sd15_base, random_inceptio
 
     # The export of step 3 loads in diffusers on the same base and carries the checkpoint's weights.
     out = run / "lora" / "last"
-    pipe = StableDiffusionPipeline.from_pretrained(sd15_base, safety_checker=None, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_base, safety_checker=None, torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(out)
     pipe.load_textual_inversion([str(out / "s1.safetensors"), str(out / "s2.safetensors")])
     assert pipe.tokenizer.tokenize("<s1><s2>") == ["<s1>", "<s2>"]
     row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<s1>")]
-    assert torch.allclose(row, load_file(out / "s1.safetensors")["<s1>"])
+    assert torch.equal(row, load_file(out / "s1.safetensors")["<s1>"].to(row.dtype))
     new_rows = next(v for k, v in ckpt["state_dict"].items() if k.endswith("new_embeddings"))
-    assert torch.allclose(row, new_rows[0])
+    assert torch.equal(row, new_rows[0].to(row.dtype))
     image = pipe(PROMPT, num_inference_steps=1, height=64, width=64, output_type="pt").images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
@@ -138,3 +141,30 @@ def test_make_random_base_script_writes_a_loadable_tiny_base(tmp_path):
     )
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
     assert pipe.unet.config.cross_attention_dim == 32
+
+
+@pytest.mark.slow
+def test_toy_default_run_in_bf16_mixed_moves_kid_like_fp32(tmp_path):
+    """The toy default (configs/toy.yaml, 250 steps) in bf16-mixed: frozen base bf16, LoRA + tokens fp32,
+    KID rounds under autocast. Measured (BENCHMARKS.md): kid/val 0.0390 -> 0.0093 (0.24x) in bf16-mixed,
+    0.0390 -> 0.0113 (0.29x) in fp32, within the 0.24-0.39x seed spread of fp32; the bound is the
+    README's claim for the default, 0.5x."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dallm.cli import main
+
+    cli = main(
+        [
+            "fit", "--config", str(ROOT / "configs/toy.yaml"), "--trainer.precision", "bf16-mixed",
+            "--data.prior_dir", str(tmp_path / "prior"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    model = cli.model
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    steps = cli.trainer.max_steps
+    events = EventAccumulator(str(tmp_path / "logs/toy/version_0")).Reload()
+    val = {e.step: e.value for e in events.Scalars("kid/val")}
+    assert 0 in val and steps in val, val
+    assert val[steps] < 0.5 * val[0], val
