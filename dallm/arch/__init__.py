@@ -179,7 +179,9 @@ def build_components(
     return {"noise_scheduler": scheduler, **parts}
 
 
-def save_random_base(arch: str, out_dir: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def save_random_base(
+    arch: str, out_dir: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Path:
     """Write a random-weight `arch` model to `out_dir` in the diffusers layout of SD v1-5; return it.
 
     model_index.json names the same classes as SD v1-5's (PNDMScheduler, CLIPTextModel, CLIPTokenizer,
