@@ -79,7 +79,8 @@ def install_wheels(wheels: Path) -> None:
 
 def run(cmd: list[str], env: dict, log: Path) -> list[dict]:
     """Run one step, echo its output to `log`, return the JSON objects it printed (one per line)."""
-    print(f"\n$ {' '.join(cmd)}", flush=True)
+    shown = " ".join(c if len(c) < 400 else "<script>" for c in cmd)
+    print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     with log.open("a") as f:

@@ -168,3 +168,30 @@ def test_toy_default_run_in_bf16_mixed_moves_kid_like_fp32(tmp_path):
     val = {e.step: e.value for e in events.Scalars("kid/val")}
     assert 0 in val and steps in val, val
     assert val[steps] < 0.5 * val[0], val
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
+    """scripts/gpu_check.py --smoke: the GPU script's every step at tiny sizes, nothing installed."""
+    import json
+    import math
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gpu_check.py"), "--smoke", "--work", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    metrics = {(r["metric"], r["batch_size"]) for r in rows}
+    for want in [("train_samples_per_s", 8), ("train_ratio_vs_reference", 8), ("train_samples_per_s", 1),
+                 ("kid_round_s", 20), ("fit_wall_s", 1), ("fit_kid_round_s_mean", 1)]:  # fmt: skip
+        assert want in metrics, (want, metrics)
+    assert all(
+        math.isfinite(r["value"]) and r["value"] > 0 for r in rows if r["metric"] != "fit_train_step_s_approx"
+    )
+    fit = next(r for r in rows if r["metric"] == "fit_wall_s")
+    assert [r["step"] for r in fit["settings"]["kid_rounds"]] == [0, 1, 2]  # KID every step, resumable
+    assert (
+        next(r for r in rows if r["metric"] == "train_samples_per_s")["settings"]["latent_cache_warm"] == 40
+    )
+    assert "| fit_wall_s |" in proc.stdout  # the one table
