@@ -13,6 +13,14 @@ sees batch_size teacher + batch_size class images) for every loop:
 - `reference`: what the diffusers dreambooth-LoRA example does per step: VAE-encode the pixels and run the
   text encoder every step, autocast, fp32 LoRA, no caching, no compile.
 
+Every distinct image is encoded into the latent cache before timing (a run's steady state: with 20 + 20
+images at batch 1 the first 20 steps would otherwise be cache misses). `--interleave` alternates dallm and
+reference steps on one module, so that a shared machine's load hits both alike. `--activations` prints
+the bytes autograd saves for one step's backward (saved-tensor hooks) instead of timing:
+
+    python scripts/bench.py --arch sd15 --device cpu --resolution 128 --batch_size 1 --interleave --json
+    python scripts/bench.py --arch sd15 --device cpu --dtype bf16 --resolution 128 --batch_size 1 --activations
+
 Prints median step time over --steps after --warmup steps, samples/s (teacher + class images per second)
 and peak memory (CUDA max allocated on GPU, peak RSS of the process on CPU); --json prints one object per
 figure in the benchmarks/results.jsonl schema. One KID round is timed by scripts/bench_kid.py.

@@ -58,14 +58,14 @@ def fit_args(base: Path, teacher: Path, tmp: Path, inception: Path, steps: int) 
         "--model.pretrained_model_name_or_path", str(base),
         "--data.teacher_dir", str(teacher), "--data.num_teacher_images", "4",
         "--data.prior_dir", str(tmp / "prior"), "--data.num_prior_images", "2",
-        "--data.prior_generation_steps", "2", "--data.prior_batch_size", "2",
+        "--data.prior_generation_steps", "2",
         "--data.resolution", "64",
         "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
         "--checkpoint.every_n_train_steps", "2",
         "--kid.every_n_steps", "1", "--kid.num_samples", "2", "--kid.num_inference_steps", "2",
-        "--kid.batch_size", "2", "--kid.weights", str(inception),
+        "--kid.weights", str(inception),
     ]  # fmt: skip
 
 
