@@ -13,6 +13,14 @@ sees batch_size teacher + batch_size class images) for every loop:
 - `reference`: what the diffusers dreambooth-LoRA example does per step: VAE-encode the pixels and run the
   text encoder every step, autocast, fp32 LoRA, no caching, no compile.
 
+Every distinct image is encoded into the latent cache before timing (a run's steady state: with 20 + 20
+images at batch 1 the first 20 steps would otherwise be cache misses). `--interleave` alternates dallm and
+reference steps on one module, so that a shared machine's load hits both alike. `--activations` prints
+the bytes autograd saves for one step's backward (saved-tensor hooks) instead of timing:
+
+    python scripts/bench.py --arch sd15 --device cpu --resolution 128 --batch_size 1 --interleave --json
+    python scripts/bench.py --arch sd15 --device cpu --dtype bf16 --resolution 128 --batch_size 1 --activations
+
 Prints median step time over --steps after --warmup steps, samples/s (teacher + class images per second)
 and peak memory (CUDA max allocated on GPU, peak RSS of the process on CPU); --json prints one object per
 figure in the benchmarks/results.jsonl schema. One KID round is timed by scripts/bench_kid.py.
@@ -98,6 +106,37 @@ def reference_step(m: DallmModule, opt, batch: dict, step: int, autocast_dtype) 
     opt.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def warm_cache(m: DallmModule, batches: list[dict]) -> int:
+    """Encode every distinct image of `batches` into the latent cache before timing; returns how many.
+
+    Without this the first 20 steps at batch 1 (20 distinct teacher + 20 class images) would be misses.
+    """
+    encode = lambda x: m.vae.encode(x).latent_dist.parameters  # noqa: E731
+    seen: set[str] = set()
+    for batch in batches:
+        keep = [i for i, k in enumerate(batch["keys"]) if k not in seen]
+        if keep:
+            pixels = batch["pixel_values"][keep].to(m.device, m.vae.dtype)
+            m.latent_cache.latent_params([batch["keys"][i] for i in keep], pixels, encode)
+            seen.update(batch["keys"][i] for i in keep)
+    return len(seen)
+
+
+def time_interleaved(steps: dict, batches, warmup: int, device: str) -> dict[str, list[float]]:
+    """Alternate the loops step by step (A, B, A, B, ...) so that a shared machine's load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i, batch in enumerate(batches):
+        for name, step_fn in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step_fn(batch, i)
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def time_loop(step_fn, batches, warmup: int, device: str) -> list[float]:
     times = []
     for i, batch in enumerate(batches):
@@ -133,6 +172,41 @@ def time_lightning(m: DallmModule, batches, warmup: int, device: str) -> list[fl
     return [b - a for a, b in zip(marks[warmup:], marks[warmup + 1 :], strict=False)]
 
 
+def saved_activation_bytes(m: DallmModule, batch: dict) -> dict[str, int]:
+    """Bytes that autograd keeps for the backward pass of one training step's loss (forward only).
+
+    Counted with `torch.autograd.graph.saved_tensors_hooks`, each storage once (views share storage).
+    Keys: "total", and per top-level UNet block ("down_blocks.0", "mid_block", ...; "other" for the rest),
+    which bounds what gradient checkpointing recomputes at once. The cache must be warm (no VAE encode).
+    """
+    # Weights saved for backward (a linear keeps its weight for the input gradient) are not activations.
+    seen: set[int] = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    by_block: dict[str, int] = {}
+    current = ["other"]
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            by_block[current[0]] = by_block.get(current[0], 0) + storage.nbytes()
+        return t
+
+    handles = []
+    for name, block in [*((f"down_blocks.{i}", b) for i, b in enumerate(m.unet.down_blocks)),
+                        ("mid_block", m.unet.mid_block),
+                        *((f"up_blocks.{i}", b) for i, b in enumerate(m.unet.up_blocks))]:  # fmt: skip
+        handles.append(block.register_forward_pre_hook(lambda *_, n=name: current.__setitem__(0, n)))
+        handles.append(block.register_forward_hook(lambda *_: current.__setitem__(0, "other")))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            losses = m.diffusion_losses(batch, m.step_generator(0))
+            losses.sum().backward()  # recomputation under checkpointing packs again: not counted (seen)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"total": sum(by_block.values()), **by_block}
+
+
 def peak_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -154,6 +228,15 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--skip", nargs="*", default=[], choices=["reference", "lightning"])
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--activations", action="store_true",
+        help="instead of timing: print the bytes saved for backward by one dallm step (saved-tensor hooks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--interleave", action="store_true",
+        help="time dallm and reference alternately on one module (same weights, one copy in memory); "
+        "for shared machines. Implies --skip lightning",
+    )  # fmt: skip
     args = p.parse_args()
     args.resolution = args.resolution or (512 if args.arch == "sd15" else 32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -165,9 +248,27 @@ def main() -> None:
 
     m = make_module(args, dtype, **options)
     opt = torch.optim.AdamW(m.trainable_groups(), lr=1e-4)
+    cached = warm_cache(m, batches)
+    if args.activations:
+        saved = saved_activation_bytes(m, batches[0])
+        print(json.dumps({"date": date.today().isoformat(), "arch": args.arch, "metric": "saved_activation_bytes",
+                          "value": saved["total"], "unit": "B", "batch_size": args.batch_size,
+                          "resolution": args.resolution, "dtype": args.dtype, "by_block": saved,
+                          "gradient_checkpointing": args.gradient_checkpointing,
+                          "command": "python " + " ".join(sys.argv)}))  # fmt: skip
+        return  # timing starts with a warm cache, as in a run after its first epoch
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    results["dallm"] = time_loop(functools.partial(dallm_step, m, opt), batches, args.warmup, args.device)
+    if args.interleave:
+        autocast = None if dtype == torch.float32 else dtype
+        ref_opt = torch.optim.AdamW(m.trainable_groups(), lr=1e-4)
+        results.update(time_interleaved(
+            {"dallm": functools.partial(dallm_step, m, opt),
+             "reference": functools.partial(reference_step, m, ref_opt, autocast_dtype=autocast)},
+            batches, args.warmup, args.device))  # fmt: skip
+        args.skip = ["reference", "lightning"]
+    else:
+        results["dallm"] = time_loop(functools.partial(dallm_step, m, opt), batches, args.warmup, args.device)
     results["peak"] = peak_memory_gib(args.device)
     if "lightning" not in args.skip:
         results["lightning"] = time_lightning(m, batches, args.warmup, args.device)
@@ -190,6 +291,8 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "prior_preservation": True,
+        "latent_cache_warm": cached,
+        "interleaved": args.interleave,
         **options,
     }
     base = {"date": date.today().isoformat(), "card": card, "arch": args.arch, "batch_size": args.batch_size,

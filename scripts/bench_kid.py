@@ -22,29 +22,11 @@ from pathlib import Path
 
 import torch
 
-from dallm.arch import build_components
+from dallm.arch import build_components, save_random_inception
 from dallm.metrics import build_feature_extractor, features_of_images, kid_from_features
 from dallm.module import DallmModule
 
 PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"
-
-
-def random_inception_weights(path: Path) -> Path:
-    """An Inception-v3 state dict of the real shape with random values (the real file is a download)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    original_load, original_url = fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url
-    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
-    fe.load_state_dict_from_url = lambda *a, **k: {}
-    try:
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fe.FeatureExtractorInceptionV3.load_state_dict, fe.load_state_dict_from_url = (
-            original_load,
-            original_url,
-        )
-    torch.save(net.state_dict(), path)
-    return path
 
 
 def sync(device: str) -> None:
@@ -75,7 +57,7 @@ def main() -> None:
     module.to(args.device)
     weights = args.weights
     if args.feature == "inception" and weights is None:
-        weights = str(random_inception_weights(Path("/tmp/dallm-random-inception.pth")))
+        weights = str(save_random_inception(Path("/tmp/dallm-random-inception.pth")))
     extractor = build_feature_extractor(args.feature, weights=weights, device=args.device)
     teacher = torch.randn(
         args.num_samples, extractor(torch.rand(1, 3, res, res, device=args.device)).shape[1]
