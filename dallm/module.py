@@ -340,7 +340,7 @@ class DallmModule(pl.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Checked before any on_train_batch_end hook, so ModelCheckpoint never saves the broken state.
-        self.check_finite(f"after the update of step {self.global_step}")
+        self.check_finite(f"after optimizer step {self.global_step + 1} (step {self.global_step} was finite)")
 
     def nonfinite_parameters(self) -> list[str]:
         """Names of trainable parameters holding NaN or inf."""
