@@ -311,7 +311,7 @@ class KIDCallback(pl.Callback):
             if name in ref:
                 result = self.kid(ref[name], fake)
                 metrics[f"kid/{name}"] = result.kid_mean
-                if getattr(result, "kid_se", None) is not None:
+                if result.kid_se is not None:
                     metrics[f"kid/{name}_se"] = result.kid_se
                 if result.note:
                     notes.add(f"kid/{name}: {result.note}")
@@ -323,7 +323,7 @@ class KIDCallback(pl.Callback):
             prior_images, prior_fake = self.samples(trainer, pl_module, class_prompt)
             prior = self.kid(ref["prior"], prior_fake)
             metrics["kid/prior"] = prior.kid_mean
-            if getattr(prior, "kid_se", None) is not None:
+            if prior.kid_se is not None:
                 metrics["kid/prior_se"] = prior.kid_se
             if self.feature.startswith("clip:"):
                 metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
