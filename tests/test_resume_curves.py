@@ -63,4 +63,13 @@ def resumed(tmp, stop: int) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.parametrize("stop", [4, pytest.param(3, marks=pytest.mark.slow),
                                   pytest.param(random.randrange(1, STEPS), marks=pytest.mark.slow)])  # fmt: skip
 def test_resumed_curves_equal_the_uninterrupted_ones(tmp_path, uninterrupted, stop):
-    assert resumed(tmp_path, stop) == uninterrupted, f"resumed at step {stop}"
+    got = resumed(tmp_path, stop)
+    for tag in TAGS:
+        assert [s for s, _ in got[tag]] == [s for s, _ in uninterrupted[tag]], (tag, stop)
+        if tag == "val/loss":
+            # The latent cache fills in a different batch order after a resume: VAE-encoding the held-out
+            # images in other batches moves val/loss in the 7th digit (measured 1.2e-7).
+            values = [v for _, v in got[tag]]
+            assert values == pytest.approx([v for _, v in uninterrupted[tag]], rel=1e-5), (tag, stop)
+        else:
+            assert got[tag] == uninterrupted[tag], (tag, stop)  # bit-identical
