@@ -69,7 +69,6 @@ class DallmCLI(LightningCLI):
         for key in ("pretrained_model_name_or_path", "revision", "variant"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
         parser.link_arguments("data.instance_prompt", "model.instance_prompt")
-        parser.link_arguments("data.seed", "model.seed")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -89,6 +88,10 @@ class DallmCLI(LightningCLI):
             help="Stop when kid/val has not improved for this many KID rounds (Lightning's EarlyStopping); "
             "null: never.",
         )
+        # One seed: --seed_everything decides the run; --data.seed (order, augmentation, noise, timesteps,
+        # LoRA/token init) and --kid.seed (sampling seeds) are overrides that default to it.
+        parser.set_defaults({"data.seed": None, "kid.seed": None})
+        parser.link_arguments(("data.seed", "seed_everything"), "model.seed", compute_fn=resolve_seed)
         parser.set_defaults(
             {
                 "model.optimizer": {
@@ -104,8 +107,15 @@ class DallmCLI(LightningCLI):
         return
 
     def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        # Written back into the config, so config.yaml records the seeds the run actually used.
+        for key in ("data.seed", "kid.seed"):
+            if key in cfg:
+                cfg[key] = resolve_seed(cfg[key], cfg.get("seed_everything"))
+        if "model.seed" in cfg and "data.seed" in cfg:
+            cfg["model.seed"] = cfg["data.seed"]  # the link ran at parse time, before `true` became a seed
         # Everything that needs only the config, the tokenizer or a file listing, before any write.
-        preflight.check_config(self.config[self.subcommand], self.subcommand)
+        preflight.check_config(cfg, self.subcommand)
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, plus the step-counting progress bar and, for fit, the best-KID checkpoint and early stop."""
@@ -146,11 +156,24 @@ class DallmCLI(LightningCLI):
                 shown = ""
                 if best is not None and best.best_model_score is not None and best_json.is_file():
                     b = json.loads(best_json.read_text())
-                    shown = f" (best: step {b['step']} {b['kid/val']:.4g}, {out / 'lora' / 'best'})"
+                    shown = f" (best: step {b['step']} {with_se(b, 'kid/val')}, {out / 'lora' / 'best'})"
                 print(
-                    f"  kid/val: step {first['step']} {first['kid/val']:.4g} -> step {last['step']} {last['kid/val']:.4g}"
-                    + shown
+                    f"  kid/val: step {first['step']} {with_se(first, 'kid/val')} -> step {last['step']} "
+                    f"{with_se(last, 'kid/val')}" + shown
                 )
+
+
+def with_se(entry: dict, key: str) -> str:
+    """`0.0113 ± 0.0040` from a KID round's entry (the value alone when it has no standard error)."""
+    se = entry.get(f"{key}_se")
+    return f"{entry[key]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+
+
+def resolve_seed(override: int | None, seed_everything: int | bool | None) -> int:
+    """A component's seed: its own override if given, else the run's --seed_everything (0 when that is off)."""
+    if override is not None:
+        return int(override)
+    return seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else 0
 
 
 def main(args: ArgsType = None) -> DallmCLI | None:
@@ -173,6 +196,8 @@ def main(args: ArgsType = None) -> DallmCLI | None:
             DallmModule,
             DallmDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
+            # A run is a function of its config: no random seed unless asked for (--seed_everything true).
+            seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             # Argument errors raise (one line at the boundary) instead of printing the whole usage.
