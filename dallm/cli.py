@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from dallm.callbacks import KIDCallback, LoraExport, run_dir
+from dallm.callbacks import HParamsLog, KIDCallback, LoraExport, run_dir
 from dallm.data import DallmDataModule
 from dallm.module import DallmModule
 
@@ -38,6 +38,8 @@ TRAINER_DEFAULTS = {
 COMMANDS = {
     "kid": "dallm.metrics:kid_main",
     "teacher": "dallm.teacher:teacher_main",
+    "sweep": "dallm.sweep:sweep_main",
+    "report": "dallm.report:report_main",
 }
 
 
@@ -69,6 +71,7 @@ class DallmCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LoraExport, "export")
         parser.add_lightning_class_args(KIDCallback, "kid")
+        parser.add_lightning_class_args(HParamsLog, "hparams")
         parser.set_defaults(
             {
                 "model.optimizer": {
