@@ -474,7 +474,8 @@ def sweep_main(argv: list[str]) -> int:
     parser.add_argument("--sweep_file", action=ActionConfigFile, help="a YAML file with any of the flags below")
     parser.add_function_arguments(sweep, as_group=False)
     cfg = parser.parse_args(_normalise_argv(argv))
-    kwargs = parser.instantiate_classes(cfg).as_dict()
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    kwargs = instantiate(cfg).as_dict()
     kwargs.pop("sweep_file", None)
     try:
         return sweep(**kwargs)
