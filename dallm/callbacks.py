@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -56,17 +57,21 @@ class LoraExport(pl.Callback):
             rank_zero_info(f"dallm: LoRA exported to {out} and {out.parent / 'last'}")
 
 
-def gather_rows(trainer: pl.Trainer, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """All-gather per-rank row blocks of unequal sizes `counts` into one (sum(counts), ...) tensor.
-
-    Rows come back rank by rank; ranks with fewer rows are padded for the collective.
-    """
+def gather_rows(trainer: pl.Trainer, rows: torch.Tensor) -> torch.Tensor:
+    """All-gather per-rank row blocks of unequal sizes into one (sum of sizes, ...) tensor, rank by rank."""
     if trainer.world_size == 1:
         return rows
-    pad = max(counts) - rows.shape[0]
-    padded = torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))]) if pad else rows
-    gathered = trainer.strategy.all_gather(padded)  # (W, max(counts), ...)
-    return torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    return torch.cat(gather_all_tensors(rows))  # pads uneven blocks for the collective and trims them
+
+
+@contextmanager
+def own_rng(device: torch.device | None = None):
+    """Run a block with the global generators forked: whatever it draws, the training stream is unchanged."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 class KIDCallback(pl.Callback):
@@ -74,7 +79,7 @@ class KIDCallback(pl.Callback):
 
     At step 0 (the base model), every `every_n_steps` and at the end, it samples `num_samples` images
     with fixed seeds for the instance prompt and logs `kid/train` (against the teacher images trained
-    on), `kid/val` (against held-out teacher images), their `_std`, `kid/prior` (class-prompt samples
+    on), `kid/val` (against held-out teacher images), `kid/prior`, each with its standard error `_se` (class-prompt samples
     against the base model's class images, i.e. forgetting) and, with CLIP features, `cmmd/*`. Once, at
     the first round, it also logs two references: `kid/reference` (train vs held-out teacher images: what
     "no difference" looks like at this sample size) and `kid/val_floor` (held-out teacher images vs their
@@ -95,7 +100,7 @@ class KIDCallback(pl.Callback):
         guidance_scale: float = 7.5,
         scheduler: str = "dpm++",
         batch_size: int = 10,
-        seed: int = 0,
+        seed: int | None = None,
         feature_batch_size: int = 32,
     ) -> None:
         """
@@ -112,7 +117,8 @@ class KIDCallback(pl.Callback):
             guidance_scale: classifier-free guidance scale.
             scheduler: sampler: "dpm++" (DPM-Solver++ multistep), "ddim", or "model" (the base model's own).
             batch_size: images generated per pipeline call.
-            seed: first sampling seed; image i uses seed + i, the same at every round.
+            seed: first sampling seed; image i uses seed + i, the same at every round. Default: the run's
+                --seed_everything (0 outside the CLI).
             feature_batch_size: images per feature-extractor call.
         """
         if every_n_steps < 0:
@@ -133,7 +139,7 @@ class KIDCallback(pl.Callback):
         self.guidance_scale = guidance_scale
         self.scheduler = scheduler
         self.batch_size = batch_size
-        self.seed = seed
+        self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None
@@ -160,14 +166,24 @@ class KIDCallback(pl.Callback):
             return
         from dallm.metrics import build_feature_extractor
 
-        # Build now so a bad --kid.feature or missing weights fails before any training.
+        # Build now so a bad --kid.feature or missing weights fails before any training; a feature net that
+        # initialises randomly draws from a forked generator, not the run's.
         try:
-            self._extractor = build_feature_extractor(self.feature, weights=self.weights, device="cpu")
+            with own_rng():
+                self._extractor = build_feature_extractor(self.feature, weights=self.weights, device="cpu")
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"--kid.feature {self.feature!r}: {err}") from err
 
+    def due(self, trainer, step: int) -> bool:
+        """Whether `step` is a scheduled round: 0, every `every_n_steps`, and the last step."""
+        return step % self.every_n_steps == 0 or step >= trainer.max_steps > 0
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.enabled and trainer.global_step not in self.done_steps():
+        # The base model's round at step 0; a run resumed at a step that is not scheduled gets no extra
+        # round (its curve must equal the uninterrupted run's), one resumed at a scheduled step that was
+        # not scored yet gets it.
+        step = trainer.global_step
+        if self.enabled and self.due(trainer, step) and step not in self.done_steps():
             self.run_round(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -176,8 +192,7 @@ class KIDCallback(pl.Callback):
         step = trainer.global_step
         # The final round runs here too, before ModelCheckpoint's save of the same step, so that
         # last.ckpt holds it and a resumed run does not repeat it.
-        due = step % self.every_n_steps == 0 or step >= trainer.max_steps > 0
-        if due and step not in self.done_steps():
+        if self.due(trainer, step) and step not in self.done_steps():
             self.run_round(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -242,9 +257,8 @@ class KIDCallback(pl.Callback):
             out.append((batch.float().clamp(0, 1) * 255).round().to(torch.uint8))
         images = torch.cat(out) if out else torch.zeros(0, 3, res, res, dtype=torch.uint8)
         feats = self.features(images.float() / 255, pl_module.device)  # (n_mine, D)
-        counts = [len(seeds[r::world]) for r in range(world)]
-        images = gather_rows(trainer, images.to(pl_module.device), counts).cpu()
-        feats = gather_rows(trainer, feats.to(pl_module.device), counts).cpu()
+        images = gather_rows(trainer, images.to(pl_module.device)).cpu()
+        feats = gather_rows(trainer, feats.to(pl_module.device)).cpu()
         # Back to seed order (rank r holds seeds r, r + W, ...).
         order = [s for r in range(world) for s in seeds[r::world]]
         index = torch.tensor([order.index(s) for s in seeds])
@@ -273,12 +287,22 @@ class KIDCallback(pl.Callback):
         )
 
     def run_round(self, trainer, pl_module) -> None:
+        """One KID round on forked generators: scoring never changes what is trained."""
+        step = trainer.global_step
+        bad = pl_module.nonfinite_parameters() if hasattr(pl_module, "nonfinite_parameters") else []
+        if bad:
+            # Samples of a diverged model are noise or black; a KID of them would look plausible.
+            rank_zero_info(f"dallm: step {step}: no KID round: {len(bad)} trainable tensors are non-finite")
+            return
+        with own_rng(pl_module.device):
+            self._run_round(trainer, pl_module, step)
+
+    def _run_round(self, trainer, pl_module, step: int) -> None:
         import time
 
         from dallm.metrics import cmmd_from_features
 
         start = time.perf_counter()
-        step = trainer.global_step
         ref = self.teacher_features(trainer, pl_module)
         metrics: dict[str, float] = {}
         notes = set()
@@ -287,8 +311,8 @@ class KIDCallback(pl.Callback):
             if name in ref:
                 result = self.kid(ref[name], fake)
                 metrics[f"kid/{name}"] = result.kid_mean
-                if result.kid_std is not None:
-                    metrics[f"kid/{name}_std"] = result.kid_std
+                if getattr(result, "kid_se", None) is not None:
+                    metrics[f"kid/{name}_se"] = result.kid_se
                 if result.note:
                     notes.add(f"kid/{name}: {result.note}")
                 if self.feature.startswith("clip:"):
@@ -297,7 +321,10 @@ class KIDCallback(pl.Callback):
         class_prompt = trainer.datamodule.hparams.class_prompt
         if "prior" in ref and class_prompt:
             prior_images, prior_fake = self.samples(trainer, pl_module, class_prompt)
-            metrics["kid/prior"] = self.kid(ref["prior"], prior_fake).kid_mean
+            prior = self.kid(ref["prior"], prior_fake)
+            metrics["kid/prior"] = prior.kid_mean
+            if getattr(prior, "kid_se", None) is not None:
+                metrics["kid/prior_se"] = prior.kid_se
             if self.feature.startswith("clip:"):
                 metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
             grid_rows.append(prior_images)
@@ -311,8 +338,7 @@ class KIDCallback(pl.Callback):
             self.write_grid(trainer, grid_rows, out_dir / f"step={step:06d}.png", step)
             if trainer.logger is not None:
                 trainer.logger.log_metrics(metrics, step=step)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith("_std"))
-            rank_zero_info(f"dallm: step {step}: {shown}")
+            rank_zero_info(f"dallm: step {step}: {format_metrics(metrics)}")
             for note in sorted(notes - self._noted):  # each note once per run, not every round
                 rank_zero_info(f"  note: {note}")
             self._noted |= notes
@@ -327,6 +353,17 @@ class KIDCallback(pl.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image("samples", grid, step)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """`kid/val 0.0113 ± 0.0040, ...`: each value with its standard error where it has one."""
+    shown = []
+    for key, value in metrics.items():
+        if key.endswith("_se"):
+            continue
+        se = metrics.get(f"{key}_se")
+        shown.append(f"{key} {value:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
+    return ", ".join(shown)
 
 
 @torch.no_grad()

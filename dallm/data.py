@@ -384,7 +384,7 @@ class DallmDataModule(pl.LightningDataModule):
         random_flip: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = 0,
         pretrained_model_name_or_path: str = "",
         revision: str | None = None,
         variant: str | None = None,
@@ -414,7 +414,8 @@ class DallmDataModule(pl.LightningDataModule):
             random_flip: Flip training images horizontally with probability 0.5.
             batch_size: Teacher images per batch and rank; prior preservation adds as many class images.
             num_workers: DataLoader worker processes.
-            seed: Seed of the training order and augmentations (a run is a pure function of it).
+            seed: Seed of the training order and augmentations (a run is a pure function of it). The CLI
+                defaults it to --seed_everything.
             pretrained_model_name_or_path: Base model that generates class images (linked from --model).
             revision: Base model revision (linked from --model).
             variant: Base model weight variant, e.g. fp16 (linked from --model).

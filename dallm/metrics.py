@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import socket
 import sys
@@ -52,17 +53,179 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ------------------------------------------------------------------------------------------- KID
+#
+# KID is the unbiased MMD² with the kernel k(x, y) = (x·y / D + 1)³, a sum of three U-statistics:
+#
+#     MMD²_u = U_rr + U_ff - 2 U_rf,   U_rr = Σ_{i≠j} k(r_i, r_j) / (m(m-1)),   U_rf = Σ_{i,j} k(r_i, f_j) / (mn).
+#
+# Its exact variance follows from the Hoeffding decomposition (Bińkowski et al. 2018, appendix;
+# Sutherland et al. 2017 for m = n): a first-order part (4/m) Var_r(h_rr(r) - h_rf(r)) + (4/n) Var_f(...),
+# with h_rf(r) = E_f k(r, f), which vanishes when real and fake have one distribution, and a
+# second-order part 2 E k̃_rr² / (m(m-1)) + 4 E k̃_rf² / (mn) + 2 E k̃_ff² / (n(n-1)), k̃ the kernel
+# centred in both arguments. Every kernel moment in it is estimated by a U-statistic over distinct
+# indices (unbiased at any m, n >= 4, equal or not). Each part is a variance, so each estimate is
+# clipped at 0: near MMD² = 0 the first-order estimate scatters around 0, and its positive part makes
+# the SE err on the safe side there (about +15% at n = 20, measured in tests/test_kid_stats.py).
+# All of it reduces to row/column sums of kernel blocks, accumulated over row chunks (memory
+# O(chunk · n)); leading batch dimensions are carried through, so a test can run many draws at once.
+
+_CHUNK = 2048  # rows of a kernel block held at once
+
+
+def _poly_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """KID's kernel (a·b / D + 1)³, as torchmetrics' and torch-fidelity's: (..., len(a), len(b))."""
+    return (a @ b.transpose(-1, -2) / a.shape[-1] + 1.0) ** 3
+
+
+@dataclass(frozen=True)
+class _Within:
+    """Sums of the kernel block of one sample (..., m, D) with itself, diagonal excluded."""
+
+    row: Tensor  # (..., m) R_i = Σ_{j≠i} k(x_i, x_j)
+    sq: Tensor  # (...) Σ_{i≠j} k(x_i, x_j)²
+
+    @property
+    def m(self) -> int:
+        return self.row.shape[-1]
+
+    def mean(self) -> Tensor:
+        return self.row.sum(-1) / (self.m * (self.m - 1))
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """(ζ1 = Var_x E_x' k(x, x'), E k̃(x, x')²), unbiased."""
+        m, s, q = self.m, self.row.sum(-1), self.sq
+        path = (self.row**2).sum(-1) - q  # Σ over distinct i, j, l of k(x_i, x_j) k(x_i, x_l)
+        four = s * s - 2 * q - 4 * path  # Σ over distinct i, j, k, l of k(x_i, x_j) k(x_k, x_l)
+        mu2 = four / (m * (m - 1) * (m - 2) * (m - 3))
+        zeta1 = path / (m * (m - 1) * (m - 2)) - mu2
+        zeta2 = q / (m * (m - 1)) - mu2  # Var k(x, x')
+        return zeta1, zeta2 - 2 * zeta1
+
+
+@dataclass(frozen=True)
+class _Between:
+    """Sums of the kernel block between two samples (..., m, D) and (..., n, D)."""
+
+    row: Tensor  # (..., m) Σ_j k(x_i, y_j)
+    col: Tensor  # (..., n) Σ_i k(x_i, y_j)
+    sq: Tensor  # (...) Σ_{i,j} k(x_i, y_j)²
+
+    def mean(self) -> Tensor:
+        return self.row.sum(-1) / (self.row.shape[-1] * self.col.shape[-1])
+
+    def moments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(Var_x E_y k(x, y), Var_y E_x k(x, y), E k̃(x, y)²), unbiased."""
+        m, n, s, q = self.row.shape[-1], self.col.shape[-1], self.row.sum(-1), self.sq
+        rr, cc = (self.row**2).sum(-1), (self.col**2).sum(-1)
+        mu2 = (s * s - rr - cc + q) / (m * (m - 1) * n * (n - 1))
+        z_row = (rr - q) / (m * n * (n - 1)) - mu2
+        z_col = (cc - q) / (m * (m - 1) * n) - mu2
+        z_k = q / (m * n) - mu2  # Var k(x, y)
+        return z_row, z_col, z_k - z_row - z_col
+
+
+def _cov_shared(w: _Within, sums: Tensor, n: int) -> Tensor:
+    """Cov_x(E_x' k(x, x'), E_y k(x, y)), unbiased; `sums` (..., m) are Σ_y k(x_i, y) over n y's."""
+    m = w.m
+    shared = (w.row * sums).sum(-1)
+    rest = w.row.sum(-1) * sums.sum(-1) - 2 * shared  # Σ over distinct i, j, l and any y
+    return shared / (m * (m - 1) * n) - rest / (m * (m - 1) * (m - 2) * n)
+
+
+def _cov_rows(a: _Between, b: _Between) -> Tensor:
+    """Cov_r(E_a k(r, a), E_b k(r, b)) of two blocks sharing their rows r, unbiased."""
+    m, na, nb = a.row.shape[-1], a.col.shape[-1], b.col.shape[-1]
+    shared = (a.row * b.row).sum(-1)
+    rest = a.row.sum(-1) * b.row.sum(-1) - shared
+    return shared / (m * na * nb) - rest / (m * (m - 1) * na * nb)
+
+
+def _within(x: Tensor) -> _Within:
+    m = x.shape[-2]
+    row, sq = x.new_zeros(x.shape[:-1]), x.new_zeros(x.shape[:-2])
+    for i in range(0, m, _CHUNK):
+        k = _poly_kernel(x[..., i : i + _CHUNK, :], x)  # (..., chunk, m)
+        c = k.shape[-2]
+        k[..., torch.arange(c), torch.arange(i, i + c)] = 0.0  # drop k(x_i, x_i)
+        row[..., i : i + c] = k.sum(-1)
+        sq += (k * k).sum((-1, -2))
+    return _Within(row, sq)
+
+
+def _between(x: Tensor, y: Tensor) -> _Between:
+    row, col, sq = x.new_zeros(x.shape[:-1]), y.new_zeros(y.shape[:-1]), x.new_zeros(x.shape[:-2])
+    for i in range(0, x.shape[-2], _CHUNK):
+        k = _poly_kernel(x[..., i : i + _CHUNK, :], y)  # (..., chunk, n)
+        row[..., i : i + k.shape[-2]] = k.sum(-1)
+        col += k.sum(-2)
+        sq += (k * k).sum((-1, -2))
+    return _Between(row, col, sq)
+
+
+def _pos(t: Tensor) -> Tensor:
+    return t.clamp(min=0.0)
+
+
+def mmd2_with_variance(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+    """Unbiased MMD² with KID's kernel, and the estimate of its variance, for real (..., m, D), fake (..., n, D).
+
+    Float64 throughout; leading dimensions are batch dimensions (independent draws). The variance needs
+    m, n >= 4 (it is NaN below). Returns (mmd2 (...), var (...)).
+    """
+    r, f = real.to(torch.float64), fake.to(torch.float64)
+    m, n = r.shape[-2], f.shape[-2]
+    rr, ff, rf = _within(r), _within(f), _between(r, f)
+    mmd2 = rr.mean() + ff.mean() - 2 * rf.mean()
+    if min(m, n) < 4:
+        return mmd2, torch.full_like(mmd2, float("nan"))
+    z_r, d_r = rr.moments()
+    z_f, d_f = ff.moments()
+    z_row, z_col, d_rf = rf.moments()
+    first = 4 * (z_r + z_row - 2 * _cov_shared(rr, rf.row, n)) / m  # (4/m) Var_r(h_rr(r) - h_rf(r))
+    first = first + 4 * (z_f + z_col - 2 * _cov_shared(ff, rf.col, m)) / n
+    second = 2 * _pos(d_r) / (m * (m - 1)) + 4 * _pos(d_rf) / (m * n) + 2 * _pos(d_f) / (n * (n - 1))
+    return mmd2, second + _pos(first)
+
+
+def mmd2_difference_with_variance(real: Tensor, fake_a: Tensor, fake_b: Tensor) -> tuple[Tensor, Tensor]:
+    """MMD²_u(real, a) - MMD²_u(real, b) and the estimate of its variance (Bounliphone et al. 2016).
+
+    The two statistics share `real`: U_rr cancels from the difference and the covariance of U_ra and U_rb
+    through the shared real samples enters the first-order part, (4/m) Var_r(h_ra(r) - h_rb(r)).
+    Shapes (..., m, D), (..., na, D), (..., nb, D); every side needs >= 4 samples (else NaN variance).
+    """
+    r, a, b = (t.to(torch.float64) for t in (real, fake_a, fake_b))
+    m, na, nb = r.shape[-2], a.shape[-2], b.shape[-2]
+    aa, bb, ra, rb = _within(a), _within(b), _between(r, a), _between(r, b)
+    diff = (aa.mean() - 2 * ra.mean()) - (bb.mean() - 2 * rb.mean())
+    if min(m, na, nb) < 4:
+        return diff, torch.full_like(diff, float("nan"))
+    z_a, d_a = aa.moments()
+    z_b, d_b = bb.moments()
+    za_row, za_col, d_ra = ra.moments()
+    zb_row, zb_col, d_rb = rb.moments()
+    first = 4 * (za_row + zb_row - 2 * _cov_rows(ra, rb)) / m
+    first = first + 4 * (z_a + za_col - 2 * _cov_shared(aa, ra.col, m)) / na
+    first = first + 4 * (z_b + zb_col - 2 * _cov_shared(bb, rb.col, m)) / nb
+    second = 2 * _pos(d_a) / (na * (na - 1)) + 4 * _pos(d_ra) / (m * na)
+    second = second + 2 * _pos(d_b) / (nb * (nb - 1)) + 4 * _pos(d_rb) / (m * nb)
+    return diff, second + _pos(first)
 
 
 @dataclass
 class KIDResult:
-    """KID between two feature sets, with what it was computed from.
+    """KID between two feature sets, its standard error, and what it was computed from.
 
-    `kid_std` is None when it is undefined (every subset is the whole set, or a single subset); `note`
-    says why, and mentions a subset size capped at the smaller sample.
+    `kid_mean` is the unbiased MMD² over all pairs of the full sets (for equal sizes with `subset_size`
+    equal to both, exactly torchmetrics' / torch-fidelity's single-subset KID). `kid_se` is the standard
+    error of that estimate over draws of the two samples (None below 4 images a side). `kid_std` is
+    torchmetrics' spread over random subsets of `subset_size`: None when undefined (every subset is the
+    whole set, or a single subset). `note` says why, and mentions a subset size capped at the smaller
+    sample.
     """
 
     kid_mean: float
+    kid_se: float | None
     kid_std: float | None
     n_real: int
     n_fake: int
@@ -74,65 +237,147 @@ class KIDResult:
         return asdict(self)
 
 
+@dataclass
+class RelativeKIDResult:
+    """Which of two generated sets is closer to the real one (relative MMD test, Bounliphone et al. 2016).
+
+    `diff` = `kid_a` - `kid_b` (negative: A is closer), `diff_se` its standard error with the covariance
+    of the two estimates through the shared real images, `z` = diff / diff_se, and `p_value` = Φ(z), the
+    one-sided p-value of "A is closer to REAL than B" (small: A is closer with that confidence).
+    """
+
+    kid_a: float
+    kid_a_se: float | None
+    kid_b: float
+    kid_b_se: float | None
+    diff: float
+    diff_se: float | None
+    z: float | None
+    p_value: float | None
+    n_real: int
+    n_a: int
+    n_b: int
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_features(sides: dict[str, Tensor]) -> None:
+    sizes = set()
+    for name, f in sides.items():
+        if f.dim() != 2:
+            raise ValueError(f"{name} features must be (N, D), got shape {tuple(f.shape)}")
+        if f.shape[0] < 2:
+            raise ValueError(f"KID needs at least 2 {name} images, got {f.shape[0]}")
+        sizes.add(f.shape[1])
+    if len(sizes) > 1:
+        shapes = ", ".join(f"{k} {v.shape[1]}" for k, v in sides.items())
+        raise ValueError(f"real and fake features differ in size: {shapes}")
+
+
+def _se(var: Tensor) -> float | None:
+    return None if torch.isnan(var) else math.sqrt(float(var))
+
+
+SE_NOTE = "kid_se needs at least 4 images a side"
+
+
 def kid_from_features(
     real: Tensor, fake: Tensor, subset_size: int = 1000, subsets: int = 100, seed: int = 0
 ) -> KIDResult:
     """KID (unbiased MMD², kernel (x·y/D + 1)³) between `real` (N, D) and `fake` (M, D) features.
 
-    Computed by torchmetrics' `KernelInceptionDistance` fed the features through an identity module.
-    `subset_size` is capped at min(N, M). When that equals both N and M every subset is the whole set:
-    one subset is computed and `kid_std` is None. The subsets are drawn from a torch generator seeded with
-    `seed` inside `torch.random.fork_rng`, so the result is reproducible and the caller's RNG state is
-    left untouched.
+    `kid_mean` and `kid_se` use the full sets (see the section comment above). `kid_std` comes from
+    torchmetrics' `KernelInceptionDistance` on `subsets` random subsets of `subset_size` (capped at
+    min(N, M)), fed the features through an identity module. When the cap equals both N and M every
+    subset is the whole set: none is drawn and `kid_std` is None. The subsets are drawn from a torch
+    generator seeded with `seed` inside `torch.random.fork_rng`, so the result is reproducible and the
+    caller's RNG state is left untouched.
 
     Raises:
         ValueError: for a side with fewer than 2 samples, mismatched feature sizes, `subset_size` < 2 or
             `subsets` < 1 (the messages name the `dallm kid` flags).
     """
-    for name, f in (("real", real), ("fake", fake)):
-        if f.dim() != 2:
-            raise ValueError(f"{name} features must be (N, D), got shape {tuple(f.shape)}")
-        if f.shape[0] < 2:
-            raise ValueError(f"KID needs at least 2 {name} images, got {f.shape[0]}")
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"real and fake features differ in size: {real.shape[1]} vs {fake.shape[1]}")
+    _check_features({"real": real, "fake": fake})
     if subset_size < 2:
         raise ValueError(
             f"--subset_size must be >= 2 (the unbiased MMD divides by m(m-1)), got {subset_size}"
         )
     if subsets < 1:
         raise ValueError(f"--subsets must be >= 1, got {subsets}")
+    # float64 on the CPU: the unbiased estimate is a small difference of large cubic-kernel sums.
+    real, fake = (t.detach().to("cpu", torch.float64) for t in (real, fake))
     n_real, n_fake = real.shape[0], fake.shape[0]
+    mmd2, var = mmd2_with_variance(real, fake)
     size = min(subset_size, n_real, n_fake)
     notes = []
     if size < subset_size:
         notes.append(f"subset_size capped from {subset_size} to {size} (the smaller sample)")
-    whole = size == n_real == n_fake
-    if whole:
-        subsets = 1  # every subset would be the same set: more of them only repeat one number
+    std = None
+    if size == n_real == n_fake:
+        subsets = 1  # every subset would be the whole set: its KID is kid_mean, with no spread
         notes.append("subset_size equals both sample sizes: every subset is the whole set, std undefined")
     elif subsets == 1:
         notes.append("a single subset: std undefined")
-
-    with warnings.catch_warnings():
-        # torchmetrics warns at construction that it keeps every feature: that is exactly what we feed it.
-        warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save")
-        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=size)
-    # float64 on the CPU: the unbiased estimate is a small difference of large cubic-kernel sums.
-    metric.update(real.detach().to("cpu", torch.float64), real=True)
-    metric.update(fake.detach().to("cpu", torch.float64), real=False)
-    # torchmetrics draws subsets with the global torch.randperm: seed a forked CPU RNG, not the caller's.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
+    else:
+        with warnings.catch_warnings():
+            # torchmetrics warns at construction that it keeps every feature: that is what we feed it.
+            warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save")
+            metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=size)
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+        # torchmetrics draws subsets with the global torch.randperm: seed a forked CPU RNG, not the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            std = float(metric.compute()[1])
+    if min(n_real, n_fake) < 4:
+        notes.append(SE_NOTE)
     return KIDResult(
-        kid_mean=float(mean),
-        kid_std=None if subsets == 1 else float(std),
+        kid_mean=float(mmd2),
+        kid_se=_se(var),
+        kid_std=std,
         n_real=n_real,
         n_fake=n_fake,
         subset_size=size,
         subsets=subsets,
         note="; ".join(notes) or None,
+    )
+
+
+def relative_kid_test(real: Tensor, fake_a: Tensor, fake_b: Tensor) -> RelativeKIDResult:
+    """Is A closer to REAL than B? KID of each against `real` and the relative MMD test on their difference.
+
+    Bounliphone et al. 2016 (ICLR), "A Test of Relative Similarity for Model Selection in Generative
+    Models", as Bińkowski et al. 2018 use it to compare GANs: the two unbiased MMD² estimates share the
+    real sample, so their difference has a variance with a covariance term (see
+    `mmd2_difference_with_variance`); z = diff / diff_se is referred to the standard normal. Features
+    (N, D), (Na, D), (Nb, D), any sizes >= 2 (>= 4 each for the SE and the p-value).
+    """
+    _check_features({"real": real, "A": fake_a, "B": fake_b})
+    r, a, b = (t.detach().to("cpu", torch.float64) for t in (real, fake_a, fake_b))
+    kid_a, var_a = mmd2_with_variance(r, a)
+    kid_b, var_b = mmd2_with_variance(r, b)
+    diff, var = mmd2_difference_with_variance(r, a, b)
+    se = _se(var)
+    z = p = None
+    if se is not None:
+        d = float(diff)
+        z = d / se if se > 0 else (math.copysign(math.inf, d) if d != 0 else 0.0)
+        p = 0.5 * math.erfc(-z / math.sqrt(2.0))  # Φ(z): small when A's KID is clearly below B's
+    return RelativeKIDResult(
+        kid_a=float(kid_a),
+        kid_a_se=_se(var_a),
+        kid_b=float(kid_b),
+        kid_b_se=_se(var_b),
+        diff=float(diff),
+        diff_se=se,
+        z=z,
+        p_value=p,
+        n_real=r.shape[0],
+        n_a=a.shape[0],
+        n_b=b.shape[0],
+        note=None if se is not None else SE_NOTE + ": no p-value",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +15,28 @@ from lightning.pytorch.utilities import rank_zero_info
 from dallm import diffusion, lora, tokens
 from dallm.cache import LatentCache, vae_identity
 from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
+
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss or non-finite trainable weights; the run stops."""
+
+
+def init_seed(seed: int, salt: int) -> int:
+    """Seed of one initialisation (salt: which one) as a pure function of the run seed."""
+    return ((seed * 1_000_003 + salt) * 2_654_435_761) % (2**63)
+
+
+@contextmanager
+def seeded(seed: int):
+    """Draw from the global generators seeded with `seed` inside, and leave their state as it was after.
+
+    peft and the token initialisation draw from the global generator; this makes them a function of the
+    run seed, whatever the data module, callbacks or feature nets drew before.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
 
 # Stored half dtype of the frozen base for each mixed-precision setting of the trainer.
 _FROZEN_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -69,7 +92,8 @@ class DallmModule(pl.LightningModule):
             instance_prompt: prompt of the teacher images, used for sampling (linked from --data.instance_prompt).
             prior_loss_weight: weight of the prior-preservation loss on class images.
             snr_gamma: min-SNR-gamma loss weighting (e.g. 5.0); null for the plain MSE.
-            seed: seed of the per-step noise and timesteps (linked from --data.seed); resume-exact.
+            seed: seed of the per-step noise and timesteps and of the LoRA and token initialisation (linked
+                from --data.seed, itself --seed_everything unless given); resume-exact.
             cache_latents: VAE-encode each training-image variant (content, resolution, crop, flip) once and
                 reuse its latent distribution; the latent is still sampled per step, so results are unchanged.
             cache_dir: also keep the latent cache on disk here (keyed by image content, resolution, crop,
@@ -165,19 +189,23 @@ class DallmModule(pl.LightningModule):
             part.eval()
 
         lora.check_target_modules(unet, hp.target_modules, "--model.target_modules")
-        lora.add_lora(unet, lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.target_modules))
+        # Each initialisation from its own seed of the run: independent of anything drawn before it.
+        with seeded(init_seed(hp.seed, 1)):
+            lora.add_lora(unet, lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.target_modules))
         if hp.train_text_encoder:
             lora.check_target_modules(
                 text_encoder, hp.text_encoder_target_modules, "--model.text_encoder_target_modules"
             )
-            lora.add_lora(
-                text_encoder,
-                lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.text_encoder_target_modules),
-            )
+            with seeded(init_seed(hp.seed, 2)):
+                lora.add_lora(
+                    text_encoder,
+                    lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.text_encoder_target_modules),
+                )
         if hp.placeholder_tokens:
-            tokens.add_placeholder_tokens(
-                self.tokenizer, text_encoder, list(hp.placeholder_tokens), hp.initializer_token
-            )
+            with seeded(init_seed(hp.seed, 3)):
+                tokens.add_placeholder_tokens(
+                    self.tokenizer, text_encoder, list(hp.placeholder_tokens), hp.initializer_token
+                )
         # Frozen base stays in its (half) dtype; only the trainable parameters are fp32.
         cast_training_params([unet, text_encoder], dtype=torch.float32)
 
@@ -290,6 +318,17 @@ class DallmModule(pl.LightningModule):
         loss, loss_instance, loss_prior = diffusion.instance_prior_loss(
             losses, batch["is_prior"].to(losses.device), self.hparams.prior_loss_weight
         )
+        if not torch.isfinite(loss):
+            which = [
+                name
+                for name, value in (("instance", loss_instance), ("prior", loss_prior))
+                if not torch.isfinite(value)
+            ]
+            raise DivergedError(
+                f"training diverged at step {self.global_step}: non-finite {'/'.join(which) or 'total'} loss "
+                f"(instance {loss_instance.item():.4g}, prior {loss_prior.item():.4g}); stopped before the "
+                "update, the last checkpoint and lora/ export are the last finite ones (try a lower --model.optimizer.lr)"
+            )
         n = len(batch["prompts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/loss_instance", loss_instance, batch_size=n)
@@ -297,6 +336,35 @@ class DallmModule(pl.LightningModule):
         for group in self.trainer.optimizers[0].param_groups:
             self.log(f"train/lr_{group['name']}", group["lr"], batch_size=n)
         return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Checked before any on_train_batch_end hook, so ModelCheckpoint never saves the broken state.
+        self.check_finite(f"after optimizer step {self.global_step + 1} (step {self.global_step} was finite)")
+
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of trainable parameters holding NaN or inf."""
+        return [n for n, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+
+    def check_finite(self, when: str) -> None:
+        """Raise DivergedError naming the first non-finite trainable weights."""
+        bad = self.nonfinite_parameters()
+        if bad:
+            raise DivergedError(
+                f"training diverged: {len(bad)} trainable tensors are non-finite {when} (e.g. {bad[0]}); "
+                "the last checkpoint and lora/ export are the last finite ones (try a lower --model.optimizer.lr)"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Validation draws from its own generators, but its loader's iterator takes a base seed from the
+        # global generator (before any validation hook runs): the state is kept here and put back after
+        # validation, so observing never shifts the training stream.
+        self._rng_before_validation = torch.random.get_rng_state()
+
+    def on_validation_end(self) -> None:
+        state = getattr(self, "_rng_before_validation", None)
+        if state is not None and self.trainer.state.fn == "fit":
+            torch.random.set_rng_state(state)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise and timesteps per held-out image (its own seeded generator), so the curve compares
@@ -348,6 +416,7 @@ class DallmModule(pl.LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite("at a checkpoint save")  # never write a checkpoint of a diverged model
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["dallm"] = {
             "base": self.hparams.pretrained_model_name_or_path,
@@ -422,6 +491,7 @@ class DallmModule(pl.LightningModule):
 
     def export(self, out_dir: str | Path) -> Path:
         """Write the LoRA (diffusers format) and the token embeddings (textual-inversion files) to `out_dir`."""
+        self.check_finite("at the LoRA export")  # lora/last stays the last finite export
         hp = self.hparams
         info = {
             "base_model": hp.pretrained_model_name_or_path,

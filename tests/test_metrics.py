@@ -31,7 +31,7 @@ from dallm.tiny import make_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE = "module:feature_nets:make_feature_net"  # tests/feature_nets.py; tests/ is on sys.path
-KEYS = {"kid_mean", "kid_std", "n_real", "n_fake", "subset_size", "subsets", "feature", "note"}
+KEYS = {"kid_mean", "kid_se", "kid_std", "n_real", "n_fake", "subset_size", "subsets", "feature", "note"}
 
 
 def kid_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -86,7 +86,9 @@ def test_kid_with_unequal_samples_has_a_real_std_and_is_seeded_without_touching_
     assert torch.equal(torch.get_rng_state(), state)
     assert a.subset_size == 10 and a.subsets == 20 and a.kid_std is not None and a.kid_std > 0
     assert a == kid_from_features(real, fake, subset_size=10, subsets=20, seed=3)
-    assert a.kid_mean != kid_from_features(real, fake, subset_size=10, subsets=20, seed=4).kid_mean
+    b = kid_from_features(real, fake, subset_size=10, subsets=20, seed=4)
+    # the subsets (and so kid_std) follow the seed; kid_mean and kid_se use the full sets and do not
+    assert a.kid_std != b.kid_std and (a.kid_mean, a.kid_se) == (b.kid_mean, b.kid_se)
 
 
 def test_kid_rejects_too_few_samples_and_bad_settings():

@@ -1,0 +1,66 @@
+"""A run interrupted at some step and resumed with `--ckpt_path last` logs the same curves as one that never
+stopped: no extra KID round at the resume step, no missing or duplicated train/loss point."""
+
+from __future__ import annotations
+
+import random
+
+import lightning.pytorch as pl
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli import fit
+
+STEPS = 8
+# KID at 0, 3, 6 and the end; train/loss every 2nd step; a checkpoint every step so any step can resume.
+ARGS = [
+    "--kid.every_n_steps", "3", "--kid.num_samples", "4", "--kid.num_inference_steps", "2",
+    "--trainer.log_every_n_steps", "2", "--trainer.val_check_interval", "4",
+]  # fmt: skip
+TAGS = ("kid/val", "kid/train", "train/loss", "train/loss_prior", "val/loss")
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAt(pl.Callback):
+    """Interrupt the run as a crash would, once step `step` is checkpointed and logged."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted(f"stopped at step {self.step}")
+
+
+def curves(run) -> dict[str, list[tuple[int, float]]]:
+    # purge_orphaned_data off: a repeated or out-of-order step must show, not be silently dropped.
+    events = EventAccumulator(str(run), purge_orphaned_data=False).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in TAGS}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    fit(tmp, *ARGS, steps=STEPS, every=1)
+    out = curves(tmp / "logs/run/version_0")
+    assert [s for s, _ in out["kid/val"]] == [0, 3, 6, 8]
+    assert [s for s, _ in out["train/loss"]] == [1, 3, 5, 7]
+    return out
+
+
+def resumed(tmp, stop: int) -> dict[str, list[tuple[int, float]]]:
+    callback = ["--trainer.callbacks+=test_resume_curves.StopAt", f"--trainer.callbacks.step={stop}"]
+    with pytest.raises(Interrupted):
+        fit(tmp, *ARGS, *callback, steps=STEPS, every=1)
+    fit(tmp, *ARGS, "--ckpt_path", "last", steps=STEPS, every=1)
+    assert len(list((tmp / "logs/run").iterdir())) == 1  # resumed in place: one run directory
+    return curves(tmp / "logs/run/version_0")
+
+
+# A step that is not a KID step, one that is, and one drawn at random (printed on failure).
+@pytest.mark.parametrize("stop", [4, pytest.param(3, marks=pytest.mark.slow),
+                                  pytest.param(random.randrange(1, STEPS), marks=pytest.mark.slow)])  # fmt: skip
+def test_resumed_curves_equal_the_uninterrupted_ones(tmp_path, uninterrupted, stop):
+    assert resumed(tmp_path, stop) == uninterrupted, f"resumed at step {stop}"
