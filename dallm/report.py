@@ -210,7 +210,7 @@ def relative_test(real: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor
 def _p_value(result: dict[str, Any]) -> float:
     for key in ("p_value", "p", "pvalue"):
         if key in result:
-            return float(result[key])
+            return float("nan") if result[key] is None else float(result[key])
     raise KeyError(f"relative_kid_test returned no p-value: {sorted(result)}")
 
 
@@ -395,7 +395,7 @@ def relative_section(fams: list, stats: dict, summary: dict, device: str) -> lis
             res = relative_test(teacher, fa, fb)
             per_seed = [f"{s}: {_p_value(relative_test(teacher, runs_a[s][1], runs_b[s][1])):.2f}"
                         for s in sorted(set(runs_a) & set(runs_b))]  # fmt: skip
-            diff, se = res.get("diff", res.get("kid_diff")), res.get("diff_se", res.get("se"))
+            diff, se = res.get("diff", float("nan")), res.get("diff_se") or float("nan")
             summary["relative"].append({"a": label(a), "b": label(b), **res, "per_seed": per_seed})
             lines.append(
                 f"| {label(a)} | {label(b)} | {fa.shape[0]} / {fb.shape[0]} vs {teacher.shape[0]} | "

@@ -114,8 +114,8 @@ def fit_args(run: Run, config: list[str], save_dir: Path, sweep_name: str, extra
     args = ["fit"]
     for c in config:
         args += ["--config", str(Path(c).resolve())]
-    # --data.seed as well: before the one-seed change (issue 9) --seed_everything alone left it at 0.
-    args += ["--seed_everything", str(run.seed), "--data.seed", str(run.seed)]
+    # One seed decides the run: data order, noise, timesteps, LoRA/token init and KID sampling seeds.
+    args += ["--seed_everything", str(run.seed)]
     args += [
         "--trainer.logger.init_args.save_dir", str(save_dir),
         "--trainer.logger.init_args.name", sweep_name,

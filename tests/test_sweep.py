@@ -95,7 +95,7 @@ def common(tmp: Path, steps: int = 2, kid: int = 0) -> list[str]:
 
 def single_fit(tmp: Path, rank: int, n: int | None, seed: int, extra: list[str], name: str) -> Path:
     """The run as one plain `dallm fit` call would make it, with the logger placed like the sweep's."""
-    main(["fit", "--config", str(TINY), "--seed_everything", str(seed), "--data.seed", str(seed),
+    main(["fit", "--config", str(TINY), "--seed_everything", str(seed),
           "--model.rank", str(rank), *(["--data.num_teacher_images", str(n)] if n else []),
           "--trainer.logger.init_args.save_dir", str(tmp / "ref"), "--trainer.logger.init_args.name", "s",
           "--trainer.logger.init_args.version", name, "--trainer.enable_progress_bar", "false", *extra])  # fmt: skip
