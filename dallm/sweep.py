@@ -185,17 +185,26 @@ def prime_class_images(arg_lists: list[list[str]]) -> None:
 
     Runs sharing a prior dir would otherwise each generate the same missing images at the same time.
     """
+    import warnings
+
     from dallm.cli import TRAINER_DEFAULTS, DallmCLI
     from dallm.data import DallmDataModule
     from dallm.module import DallmModule
 
-    done: set[str] = set()
+    seen_args, done = set(), set()
     for args in arg_lists:
-        fit = args[1:]
-        if "--ckpt_path" in fit:  # resuming runs found their class images already
+        if "--ckpt_path" in args:  # resuming runs found their class images already
             continue
-        cli = DallmCLI(DallmModule, DallmDataModule, trainer_defaults=TRAINER_DEFAULTS,
-                       auto_configure_optimizers=False, run=False, args=fit)  # fmt: skip
+        # Runs that differ only in their seed or logger version share their class images.
+        drop = {"--seed_everything", "--trainer.logger.init_args.version"}
+        key_args = tuple(a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop))
+        if key_args in seen_args:
+            continue
+        seen_args.add(key_args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LightningCLI's note on args given in-process
+            cli = DallmCLI(DallmModule, DallmDataModule, trainer_defaults=TRAINER_DEFAULTS,
+                           auto_configure_optimizers=False, run=False, args=args[1:])  # fmt: skip
         dm = cli.datamodule
         key = str(Path(dm.hparams.prior_dir).resolve()) if dm.with_prior_preservation else ""
         if key and key not in done:
