@@ -303,6 +303,11 @@ def report(
     out_path = Path(out) if out else sweep_path / "report.md"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     runs = load_runs(sweep_path)
+    # Unfinished runs would cut every seed's curve short: left out, and named.
+    unfinished = [r["name"] for r in runs if r["status"] not in (None, "done")]
+    runs = [r for r in runs if r["status"] in (None, "done")]
+    if not runs:
+        raise ValueError(f"SWEEP_DIR {sweep_dir}: no finished runs yet")
     stats: dict[tuple, dict] = {}
     for r in runs:
         entry = stats.setdefault(setting_key(r["settings"]), {"runs": [], "curves": []})
@@ -313,9 +318,8 @@ def report(
              f"{len(runs)} runs, {len(keys)} settings; written by `python -m dallm report {sweep_dir}`. "
              "Values: mean ± between-seed std over seeds, (se: mean per-round standard error of KID), "
              "and the ratio to step 0.", ""]  # fmt: skip
-    unfinished = [r["name"] for r in runs if r["status"] not in (None, "done")]
     if unfinished:
-        lines += [f"Not finished (their curves may stop early): {', '.join(unfinished)}", ""]
+        lines += [f"Left out, not finished: {', '.join(unfinished)}.", ""]
     summary: dict[str, Any] = {"settings": {}, "relative": []}
     lines += ["| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last |", "|---|---|---|---|---|---|"]
     for key in keys:

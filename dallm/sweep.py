@@ -483,11 +483,18 @@ def sweep_main(argv: list[str]) -> int:
     parser.add_argument("--sweep_file", action=ActionConfigFile, help="a YAML file with any of the flags below")
     parser.add_function_arguments(sweep, as_group=False)
     cfg = parser.parse_args(_normalise_argv(argv))
+    import signal
+
+    # scancel / kill send SIGTERM: stop the runs and record them as interrupted, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     kwargs = instantiate(cfg).as_dict()
     kwargs.pop("sweep_file", None)
     try:
         return sweep(**kwargs)
+    except KeyboardInterrupt:
+        print("dallm sweep: interrupted; the same command resumes it", file=sys.stderr)
+        return 130
     except ValueError as err:
         if os.environ.get("DALLM_TRACEBACK"):
             raise

@@ -11,6 +11,7 @@ finished runs and resumes interrupted ones.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from dallm.sweep import sweep
@@ -31,6 +32,7 @@ def main() -> int:
     p.add_argument("--dry_run", action="store_true")
     p.add_argument("extra", nargs="*", help="more dallm fit flags for every run, after --")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: stop the runs, resumable
     grids = [
         {"model.rank": a.ranks, "data.num_teacher_images": [a.fixed_n]},
         {"model.rank": [a.fixed_rank], "data.num_teacher_images": a.sizes},
