@@ -319,7 +319,7 @@ def report(
              "Values: mean ± between-seed std over seeds, (se: mean per-round standard error of KID), "
              "and the ratio to step 0.", ""]  # fmt: skip
     if unfinished:
-        lines += [f"Left out, not finished: {', '.join(unfinished)}.", ""]
+        lines += [f"Left out, not finished (failed, interrupted or running): {', '.join(unfinished)}.", ""]
     summary: dict[str, Any] = {"settings": {}, "relative": []}
     lines += ["| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last |", "|---|---|---|---|---|---|"]
     for key in keys:
@@ -338,7 +338,8 @@ def report(
     for i, (flag, fixed, members) in enumerate(fams):
         png = out_path.with_name(f"{out_path.stem}_{short_keys([flag])[flag]}_{i}.png")
         plot_family(flag, fixed, members, stats, list(tags), png)
-        lines += ["", f"![{flag} at {fixed}]({png.name})"]
+        lines += ["", f"![{flag} at {fixed}]({png.name})", "",
+                  "Line: mean over seeds; band: ± between-seed std; bars: ± mean per-round SE."]  # fmt: skip
         if gif:
             gif_path = png.with_suffix(".gif")
             dirs = [(f"{short_keys([flag])[flag]} {dict(k)[flag]}", next(r["dir"] for r in stats[k]["runs"])) for k in members]
