@@ -326,11 +326,12 @@ def launch_submitit(
         if slurm.mem_gb is not None:
             params["mem_gb"] = slurm.mem_gb
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    for _, run_dir, _ in jobs:  # before submitting: a quick job's own "done" must not be overwritten
+        write_record(run_dir, status="submitted", executor=executor.cluster)
     with executor.batch():
         submitted = [(run, run_dir, executor.submit(FitJob(str(run_dir), args))) for run, run_dir, args in jobs]
     for run, run_dir, job in submitted:
-        write_record(run_dir, status="submitted", job_id=str(job.job_id), log=str(job.paths.stdout),
-                     stderr=str(job.paths.stderr), executor=executor.cluster)  # fmt: skip
+        write_record(run_dir, job_id=str(job.job_id), log=str(job.paths.stdout), stderr=str(job.paths.stderr))
         print(f"dallm sweep: submitted {run.name} as job {job.job_id} ({executor.cluster})", flush=True)
     codes: dict[str, int] = {}
     if not wait:
@@ -338,6 +339,7 @@ def launch_submitit(
     for run, run_dir, job in submitted:
         try:
             codes[run.name] = job.result()
+            write_record(run_dir, status="done", returncode=0)
         except Exception as err:  # one failed job is reported; the others are still collected
             codes[run.name] = 1
             write_record(run_dir, status="failed", error=" ".join(str(err).split())[-2000:])
