@@ -386,7 +386,13 @@ class HParamsLog(pl.Callback):
     `hp/kid_val_last`, `hp/kid_val_last_se` (when the KID callback logs `kid/val_se`), `hp/kid_prior_last`.
     """
 
-    METRICS = ("hp/kid_val_start", "hp/kid_val_best", "hp/kid_val_last", "hp/kid_val_last_se", "hp/kid_prior_last")
+    METRICS = (
+        "hp/kid_val_start",
+        "hp/kid_val_best",
+        "hp/kid_val_last",
+        "hp/kid_val_last_se",
+        "hp/kid_prior_last",
+    )
 
     def __init__(self, enabled: bool = True) -> None:
         """

@@ -45,7 +45,9 @@ def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
             seed = int(parts.pop("seed"))
             runs.append({"name": d.name, "dir": d, "settings": parts, "seed": seed, "status": None})
     if not runs:
-        raise ValueError(f"SWEEP_DIR {sweep_dir}: no runs (directories with {RECORD} or key=value,seed=S names)")
+        raise ValueError(
+            f"SWEEP_DIR {sweep_dir}: no runs (directories with {RECORD} or key=value,seed=S names)"
+        )
     return runs
 
 
@@ -135,7 +137,9 @@ def grid_samples(path: Path, resolution: int, count: int) -> torch.Tensor:
     grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
     cell = resolution + 1
     if grid.shape[2] < 1 + count * cell:
-        raise ValueError(f"{path}: {grid.shape[2]} px wide, too narrow for {count} samples of {resolution} px")
+        raise ValueError(
+            f"{path}: {grid.shape[2]} px wide, too narrow for {count} samples of {resolution} px"
+        )
     imgs = [grid[:, 1 : 1 + resolution, 1 + j * cell : 1 + j * cell + resolution] for j in range(count)]
     return torch.stack(imgs).float() / 255
 
@@ -183,7 +187,9 @@ class Embedder:
         key = (cfg["kid"]["feature"], tuple(map(str, dm.val_teacher_paths)))
         if key not in self._teacher:
             if len(dm.val_teacher_paths) < 2:
-                raise ValueError(f"--data.teacher_dir {data['teacher_dir']}: fewer than 2 held-out teacher images")
+                raise ValueError(
+                    f"--data.teacher_dir {data['teacher_dir']}: fewer than 2 held-out teacher images"
+                )
             self._teacher[key] = self.features(images_to_tensor(dm.val_teacher_paths), cfg["kid"])
         return self._teacher[key]
 
@@ -231,7 +237,9 @@ def plot_family(flag: str, fixed: dict, members: list, stats: dict, tags: list[s
             if not curves:
                 continue
             steps, mean, std = seed_stats(curves)
-            line = ax.plot(steps, mean, marker="o", ms=3, label=f"{name} {dict(key)[flag]} ({len(curves)} seeds)")[0]
+            line = ax.plot(
+                steps, mean, marker="o", ms=3, label=f"{name} {dict(key)[flag]} ({len(curves)} seeds)"
+            )[0]
             ax.fill_between(steps, mean - std, mean + std, alpha=0.15, color=line.get_color())
             ses = [c.get(f"{tag}_se", {}) for c in stats[key]["curves"] if c.get(tag)]
             if all(set(steps) <= set(s) for s in ses):
@@ -247,11 +255,20 @@ def plot_family(flag: str, fixed: dict, members: list, stats: dict, tags: list[s
     plt.close(fig)
 
 
-def make_gif(run_dirs: list[tuple[str, Path]], out: Path, resolution: int, samples: int = 8, scale: int = 3, ms: int = 600) -> int:
+def make_gif(
+    run_dirs: list[tuple[str, Path]],
+    out: Path,
+    resolution: int,
+    samples: int = 8,
+    scale: int = 3,
+    ms: int = 600,
+) -> int:
     """A GIF of sample rows over training, one row per (label, run dir), at the steps all runs share."""
     from PIL import Image, ImageDraw
 
-    grids = {lab: {int(f.stem.split("=")[1]): f for f in (d / "samples").glob("step=*.png")} for lab, d in run_dirs}
+    grids = {
+        lab: {int(f.stem.split("=")[1]): f for f in (d / "samples").glob("step=*.png")} for lab, d in run_dirs
+    }
     steps = sorted(set.intersection(*(set(g) for g in grids.values())))
     if not steps:
         raise ValueError(f"no common sample grids in {[str(d) for _, d in run_dirs]}")
@@ -261,7 +278,11 @@ def make_gif(run_dirs: list[tuple[str, Path]], out: Path, resolution: int, sampl
         for lab, _ in run_dirs:
             imgs = grid_samples(grids[lab][step], resolution, samples)  # (S, 3, r, r)
             row = (imgs.permute(2, 0, 3, 1).reshape(resolution, -1, 3) * 255).round().byte().numpy()
-            rows.append(Image.fromarray(row).resize((row.shape[1] * scale, resolution * scale), Image.Resampling.NEAREST))
+            rows.append(
+                Image.fromarray(row).resize(
+                    (row.shape[1] * scale, resolution * scale), Image.Resampling.NEAREST
+                )
+            )
         frame = Image.new("RGB", (label_w + rows[0].width, 20 + sum(r.height for r in rows)), (255, 255, 255))
         draw = ImageDraw.Draw(frame)
         draw.text((4, 4), f"step {step}", fill=(0, 0, 0))
@@ -321,7 +342,10 @@ def report(
     if unfinished:
         lines += [f"Left out, not finished (failed, interrupted or running): {', '.join(unfinished)}.", ""]
     summary: dict[str, Any] = {"settings": {}, "relative": []}
-    lines += ["| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last |",
+        "|---|---|---|---|---|---|",
+    ]
     for key in keys:
         s = summarize(stats[key]["curves"], "kid/val")
         p = summarize(stats[key]["curves"], "kid/prior")
@@ -342,7 +366,10 @@ def report(
                   "Line: mean over seeds; band: ± between-seed std; bars: ± mean per-round SE."]  # fmt: skip
         if gif:
             gif_path = png.with_suffix(".gif")
-            dirs = [(f"{short_keys([flag])[flag]} {dict(k)[flag]}", next(r["dir"] for r in stats[k]["runs"])) for k in members]
+            dirs = [
+                (f"{short_keys([flag])[flag]} {dict(k)[flag]}", next(r["dir"] for r in stats[k]["runs"]))
+                for k in members
+            ]
             make_gif(dirs, gif_path, run_config(dirs[0][1])["data"]["resolution"])
             lines += ["", f"Samples over training (first seed): [{gif_path.name}]({gif_path.name})"]
     if relative and fams:
@@ -369,7 +396,9 @@ def relative_section(fams: list, stats: dict, summary: dict, device: str) -> lis
             logged = curves.get("kid/val", {}).get(got[0])
             if logged is not None:
                 kid = run_config(run["dir"])["kid"]
-                again = kid_from_features(got[2], got[1], kid["subset_size"], kid["subsets"], kid.get("seed") or 0).kid_mean
+                again = kid_from_features(
+                    got[2], got[1], kid["subset_size"], kid["subsets"], kid.get("seed") or 0
+                ).kid_mean
                 check.append(abs(again - logged))
     lines = ["## Relative tests (last KID round, seeds pooled)", "",
              "Is setting A's model closer to the held-out teacher images than B's? The relative MMD test "
@@ -385,8 +414,11 @@ def relative_section(fams: list, stats: dict, summary: dict, device: str) -> lis
 
     if not hasattr(dallm.metrics, "relative_kid_test"):
         return [*lines, "Not run: this dallm has no `dallm.metrics.relative_kid_test`."]
-    lines += ["| A | B | n per side | KID A | KID B | A - B ± se | p (A closer) | per-seed p |", "|---|---|---|---|---|---|---|---|"]
-    for flag, _fixed, members in fams:
+    lines += [
+        "| A | B | n per side | KID A | KID B | A - B ± se | p (A closer) | per-seed p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _flag, _fixed, members in fams:
         for a, b in itertools.combinations(members, 2):
             runs_a = {r["seed"]: feats[r["name"]] for r in stats[a]["runs"] if r["name"] in feats}
             runs_b = {r["seed"]: feats[r["name"]] for r in stats[b]["runs"] if r["name"] in feats}

@@ -19,7 +19,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweep_dir")
     p.add_argument("--by", required=True, help="the flag that varies, e.g. model.rank")
-    p.add_argument("--fixed", nargs="*", default=[], help="FLAG=VALUE of the others, e.g. data.num_teacher_images=20")
+    p.add_argument(
+        "--fixed", nargs="*", default=[], help="FLAG=VALUE of the others, e.g. data.num_teacher_images=20"
+    )
     p.add_argument("--tags", nargs="+", default=list(TAGS))
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -27,7 +29,11 @@ def main() -> None:
     stats: dict = {}
     for run in load_runs(Path(args.sweep_dir)):
         s = run["settings"]
-        if run["status"] not in (None, "done") or args.by not in s or any(s.get(k) != v for k, v in fixed.items()):
+        if (
+            run["status"] not in (None, "done")
+            or args.by not in s
+            or any(s.get(k) != v for k, v in fixed.items())
+        ):
             continue
         entry = stats.setdefault(setting_key(s), {"runs": [], "curves": []})
         entry["runs"].append(run)

@@ -20,7 +20,9 @@ from dallm.sweep import sweep
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16], help="ranks at --fixed_n images")
-    p.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20, 50], help="teacher-set sizes at --fixed_rank")
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[5, 10, 20, 50], help="teacher-set sizes at --fixed_rank"
+    )
     p.add_argument("--fixed_n", type=int, default=20)
     p.add_argument("--fixed_rank", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

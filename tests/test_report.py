@@ -30,7 +30,11 @@ def fake_sweep(root: Path) -> Path:
     for (rank, seed), values in CURVES.items():
         d = sweep / f"rank={rank},num_teacher_images=20,seed={seed}"
         d.mkdir(parents=True)
-        record = {"settings": {"model.rank": str(rank), "data.num_teacher_images": "20"}, "seed": seed, "status": "done"}
+        record = {
+            "settings": {"model.rank": str(rank), "data.num_teacher_images": "20"},
+            "seed": seed,
+            "status": "done",
+        }
         (d / "sweep_run.json").write_text(json.dumps(record))
         w = SummaryWriter(str(d))
         for step, v in zip((0, 50, 100), values, strict=True):
@@ -54,13 +58,18 @@ def test_table_gives_mean_spread_and_se_per_setting(tmp_path: Path) -> None:
     png = tmp_path / "out" / "r_rank_0.png"
     assert png.stat().st_size > 1000 and f"]({png.name})" in text
     summary = json.loads((tmp_path / "out" / "r.json").read_text())
-    assert summary["settings"]["rank 1, num_teacher_images 20"]["kid/val"]["last"]["mean"] == pytest.approx(0.032)
+    assert summary["settings"]["rank 1, num_teacher_images 20"]["kid/val"]["last"]["mean"] == pytest.approx(
+        0.032
+    )
 
 
 def test_families_are_settings_that_differ_in_one_flag() -> None:
     keys = [(("r", "1"), ("n", "20")), (("r", "4"), ("n", "20")), (("r", "16"), ("n", "20")),
             (("r", "4"), ("n", "5")), (("r", "4"), ("n", "50"))]  # fmt: skip
-    fams = {(flag, tuple(fixed.items())): [dict(k)[flag] for k in members] for flag, fixed, members in families(keys)}
+    fams = {
+        (flag, tuple(fixed.items())): [dict(k)[flag] for k in members]
+        for flag, fixed, members in families(keys)
+    }
     assert fams == {("r", (("n", "20"),)): ["1", "4", "16"], ("n", (("r", "4"),)): ["5", "20", "50"]}
 
 
@@ -73,7 +82,10 @@ def test_samples_read_back_from_the_kid_grid_exactly(tmp_path: Path) -> None:
     from dallm.callbacks import KIDCallback
 
     gen = torch.Generator().manual_seed(0)
-    rows = [torch.randint(0, 256, (5, 3, 16, 16), generator=gen, dtype=torch.uint8).float() / 255 for _ in range(2)]
+    rows = [
+        torch.randint(0, 256, (5, 3, 16, 16), generator=gen, dtype=torch.uint8).float() / 255
+        for _ in range(2)
+    ]
     path = tmp_path / "samples" / "step=000010.png"
     KIDCallback(feature="toy").write_grid(SimpleNamespace(logger=None), rows, path, 10)
     assert torch.equal(grid_samples(path, 16, 5), rows[0])

@@ -30,7 +30,9 @@ NAMES = [f"rank={r},num_teacher_images={n},seed={s}" for r in (1, 4) for n in (4
 def test_grid_expands_to_named_runs_in_order() -> None:
     runs = expand([dict(parse_grid_item(g) for g in GRID)], [0, 1])
     assert sorted(r.name for r in runs) == sorted(NAMES)
-    assert runs[0] == Run("rank=1,num_teacher_images=4,seed=0", (("model.rank", "1"), ("data.num_teacher_images", "4")), 0)
+    assert runs[0] == Run(
+        "rank=1,num_teacher_images=4,seed=0", (("model.rank", "1"), ("data.num_teacher_images", "4")), 0
+    )
 
 
 def test_union_of_grids_runs_a_shared_cell_once() -> None:
@@ -112,7 +114,11 @@ def layout(run_dir: Path) -> list[str]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return {f"{f.name}/{k}": v for f in sorted((run_dir / "lora/last").glob("*.safetensors")) for k, v in load_file(f).items()}
+    return {
+        f"{f.name}/{k}": v
+        for f in sorted((run_dir / "lora/last").glob("*.safetensors"))
+        for k, v in load_file(f).items()
+    }
 
 
 def assert_same_run(a: Path, b: Path, atol: float = 0.0) -> None:
@@ -134,7 +140,9 @@ def env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_local_and_submitit_launchers_equal_single_fits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_local_and_submitit_launchers_equal_single_fits(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     extra = common(tmp_path)
     out = subprocess.run(sweep_cmd(tmp_path, "local", GRID, "0,1", extra, "--max_parallel", "2"),
                          env=env(), capture_output=True, text=True, cwd=ROOT)  # fmt: skip
@@ -148,8 +156,12 @@ def test_local_and_submitit_launchers_equal_single_fits(tmp_path: Path, capsys: 
     assert sweep(str(TINY), grid=["model.rank=4", "data.num_teacher_images=4"], seeds=[0],
                  save_dir=str(tmp_path / "sweeps"), name="sublocal", launcher="submitit",
                  slurm=_slurm("local"), max_parallel=2, extra=extra) == 0  # fmt: skip
-    rec = json.loads((tmp_path / "sweeps/sublocal/rank=4,num_teacher_images=4,seed=0/sweep_run.json").read_text())
-    assert rec["status"] == "done" and rec["job_id"] and rec["executor"] == "local" and Path(rec["log"]).exists()
+    rec = json.loads(
+        (tmp_path / "sweeps/sublocal/rank=4,num_teacher_images=4,seed=0/sweep_run.json").read_text()
+    )
+    assert (
+        rec["status"] == "done" and rec["job_id"] and rec["executor"] == "local" and Path(rec["log"]).exists()
+    )
     for name in NAMES:
         r, n, s = (int(part.split("=")[1]) for part in name.split(","))
         ref = single_fit(tmp_path, r, n, s, extra, name)
@@ -161,7 +173,12 @@ def test_local_and_submitit_launchers_equal_single_fits(tmp_path: Path, capsys: 
     a, b = weights(local / NAMES[0]), weights(local / NAMES[1])
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # Everything finished: the same sweep again launches nothing.
-    assert sweep(str(TINY), grid=GRID, seeds=[0, 1], save_dir=str(tmp_path / "sweeps"), name="local", extra=extra) == 0
+    assert (
+        sweep(
+            str(TINY), grid=GRID, seeds=[0, 1], save_dir=str(tmp_path / "sweeps"), name="local", extra=extra
+        )
+        == 0
+    )
     assert "8 finished (skipped)" in capsys.readouterr().out
 
 
@@ -176,7 +193,9 @@ def test_killed_sweep_resumes_crash_fails_alone_and_hparams_read_back(tmp_path: 
     extra = common(tmp_path, steps=6, kid=3)
     # rank 0 is refused by dallm fit: that run fails, the others still run.
     cmd = sweep_cmd(tmp_path, "k", ["model.rank=1,0,4"], "0", extra)
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     root = tmp_path / "sweeps" / "k"
     second = root / "rank=4,seed=0"
     deadline = time.time() + 600
@@ -188,7 +207,10 @@ def test_killed_sweep_resumes_crash_fails_alone_and_hparams_read_back(tmp_path: 
     proc.wait()
     assert json.loads((root / "rank=1,seed=0/sweep_run.json").read_text())["status"] == "done"
     assert json.loads((root / "rank=0,seed=0/sweep_run.json").read_text())["status"] == "failed"
-    assert not (second / "lora" / "last").exists() or json.loads((second / "lora/last/dallm.json").read_text())["global_step"] < 6
+    assert (
+        not (second / "lora" / "last").exists()
+        or json.loads((second / "lora/last/dallm.json").read_text())["global_step"] < 6
+    )
     first_events = sorted((root / "rank=1,seed=0").glob("events.out*"))
 
     out = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True)
@@ -205,7 +227,9 @@ def test_killed_sweep_resumes_crash_fails_alone_and_hparams_read_back(tmp_path: 
     hp = read_hparams(root / "rank=1,seed=0")
     assert hp["params"]["rank"] == 1 and hp["params"]["seed"] == 0 and hp["params"]["max_steps"] == 6
     assert hp["params"]["num_teacher_images"] == 8 and hp["params"]["base"].endswith("assets/tiny/base")
-    assert {"hp/kid_val_start", "hp/kid_val_best", "hp/kid_val_last", "hp/kid_prior_last"} <= set(hp["metrics"])
+    assert {"hp/kid_val_start", "hp/kid_val_best", "hp/kid_val_last", "hp/kid_prior_last"} <= set(
+        hp["metrics"]
+    )
     kid_val = hp["scalars"]["kid/val"]
     assert hp["last"]["hp/kid_val_start"] == pytest.approx(kid_val[0])
     assert hp["last"]["hp/kid_val_best"] == pytest.approx(min(kid_val.values()))
@@ -216,7 +240,12 @@ def test_killed_sweep_resumes_crash_fails_alone_and_hparams_read_back(tmp_path: 
 
     assert report(str(root), out=str(tmp_path / "rep" / "r.md")) == 0
     text = (tmp_path / "rep" / "r.md").read_text()
-    assert "| rank 1 | 1 | " in text and "| rank 4 | 1 | " in text and "not finished" in text and "rank=0,seed=0" in text
+    assert (
+        "| rank 1 | 1 | " in text
+        and "| rank 4 | 1 | " in text
+        and "not finished" in text
+        and "rank=0,seed=0" in text
+    )
     summary = json.loads((tmp_path / "rep" / "r.json").read_text())
     assert summary["recompute_max_abs_diff"] < 1e-6
     assert [(r["a"], r["b"]) for r in summary["relative"]] == [("rank 1", "rank 4")]
@@ -232,7 +261,9 @@ def read_hparams(run_dir: Path) -> dict:
     content = ea.PluginTagToContent(metadata.PLUGIN_NAME)
     ssi = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     exp = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
-    params = {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in ssi.hparams.items()}
+    params = {
+        k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in ssi.hparams.items()
+    }
     scalars = {t: {e.step: e.value for e in ea.Scalars(t)} for t in ea.Tags()["scalars"]}
     metrics = [m.name.tag for m in exp.metric_infos]
     last = {m: scalars[m][max(scalars[m])] for m in metrics if m in scalars}
