@@ -334,7 +334,7 @@ def report(
         entry = stats.setdefault(setting_key(r["settings"]), {"runs": [], "curves": []})
         entry["runs"].append(r)
         entry["curves"].append(read_scalars(r["dir"]))
-    keys = list(stats)
+    keys = sorted(stats, key=lambda key: [(isinstance(_num(v), str), _num(v)) for _, v in key])
     lines = [f"# Sweep `{sweep_path.name}`", "",
              f"{len(runs)} runs, {len(keys)} settings; written by `python -m dallm report {sweep_dir}`. "
              "Values: mean ± between-seed std over seeds, (se: mean per-round standard error of KID), "
@@ -415,8 +415,8 @@ def relative_section(fams: list, stats: dict, summary: dict, device: str) -> lis
     if not hasattr(dallm.metrics, "relative_kid_test"):
         return [*lines, "Not run: this dallm has no `dallm.metrics.relative_kid_test`."]
     lines += [
-        "| A | B | n per side | KID A | KID B | A - B ± se | p (A closer) | per-seed p |",
-        "|---|---|---|---|---|---|---|---|",
+        "| A | B | n per side | KID A | KID B | A - B ± se | p (A closer) | p (B closer) | per-seed p (A closer) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for _flag, _fixed, members in fams:
         for a, b in itertools.combinations(members, 2):
@@ -437,7 +437,7 @@ def relative_section(fams: list, stats: dict, summary: dict, device: str) -> lis
             lines.append(
                 f"| {label(a)} | {label(b)} | {fa.shape[0]} / {fb.shape[0]} vs {teacher.shape[0]} | "
                 f"{res.get('kid_a', float('nan')):.4f} | {res.get('kid_b', float('nan')):.4f} | "
-                f"{diff:.4f} ± {se:.4f} | {_p_value(res):.3f} | {', '.join(per_seed)} |"
+                f"{diff:.4f} ± {se:.4f} | {_p_value(res):.3f} | {1 - _p_value(res):.3f} | {', '.join(per_seed)} |"
             )
     return lines
 
