@@ -79,8 +79,9 @@ class KIDCallback(pl.Callback):
 
     At step 0 (the base model), every `every_n_steps` and at the end, it samples `num_samples` images
     with fixed seeds for the instance prompt and logs `kid/train` (against the teacher images trained
-    on), `kid/val` (against held-out teacher images), `kid/prior`, each with its standard error `_se` (class-prompt samples
-    against the base model's class images, i.e. forgetting) and, with CLIP features, `cmmd/*`. Once, at
+    on), `kid/val` (against held-out teacher images), `kid/prior` (class-prompt samples against the base
+    model's class images, i.e. forgetting), each with its standard error (`kid/val_se`, ...: over draws of
+    the two samples, not over the choice of sampling seeds) and, with CLIP features, `cmmd/*`. Once, at
     the first round, it also logs two references: `kid/reference` (train vs held-out teacher images: what
     "no difference" looks like at this sample size) and `kid/val_floor` (held-out teacher images vs their
     own VAE reconstructions: the best any fine-tuning of this UNet can reach).
@@ -311,7 +312,7 @@ class KIDCallback(pl.Callback):
             if name in ref:
                 result = self.kid(ref[name], fake)
                 metrics[f"kid/{name}"] = result.kid_mean
-                if getattr(result, "kid_se", None) is not None:
+                if result.kid_se is not None:
                     metrics[f"kid/{name}_se"] = result.kid_se
                 if result.note:
                     notes.add(f"kid/{name}: {result.note}")
@@ -323,7 +324,7 @@ class KIDCallback(pl.Callback):
             prior_images, prior_fake = self.samples(trainer, pl_module, class_prompt)
             prior = self.kid(ref["prior"], prior_fake)
             metrics["kid/prior"] = prior.kid_mean
-            if getattr(prior, "kid_se", None) is not None:
+            if prior.kid_se is not None:
                 metrics["kid/prior_se"] = prior.kid_se
             if self.feature.startswith("clip:"):
                 metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)

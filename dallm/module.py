@@ -318,14 +318,16 @@ class DallmModule(pl.LightningModule):
         loss, loss_instance, loss_prior = diffusion.instance_prior_loss(
             losses, batch["is_prior"].to(losses.device), self.hparams.prior_loss_weight
         )
-        if not torch.isfinite(loss):
+        # Decided together under DDP: a rank that stopped alone would leave the others in the all-reduce.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             which = [
                 name
                 for name, value in (("instance", loss_instance), ("prior", loss_prior))
                 if not torch.isfinite(value)
             ]
+            what = f"{'/'.join(which)} loss" if which else "total loss (weighted sum, or on another rank)"
             raise DivergedError(
-                f"training diverged at step {self.global_step}: non-finite {'/'.join(which) or 'total'} loss "
+                f"training diverged at step {self.global_step}: non-finite {what} "
                 f"(instance {loss_instance.item():.4g}, prior {loss_prior.item():.4g}); stopped before the "
                 "update, the last checkpoint and lora/ export are the last finite ones (try a lower --model.optimizer.lr)"
             )
@@ -343,8 +345,15 @@ class DallmModule(pl.LightningModule):
         self.check_finite(f"after optimizer step {self.global_step + 1} (step {self.global_step} was finite)")
 
     def nonfinite_parameters(self) -> list[str]:
-        """Names of trainable parameters holding NaN or inf."""
-        return [n for n, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        """Names of trainable parameters holding NaN or inf (one fused check per step when all are finite)."""
+        if self.unet is None:
+            return []
+        if getattr(self, "_trainable", None) is None:
+            self._trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        flags = torch.stack([torch.isfinite(p).all() for _, p in self._trainable])  # (P,)
+        if bool(flags.all()):
+            return []
+        return [n for (n, _), ok in zip(self._trainable, flags.tolist(), strict=True) if not ok]
 
     def check_finite(self, when: str) -> None:
         """Raise DivergedError naming the first non-finite trainable weights."""

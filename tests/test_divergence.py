@@ -53,6 +53,16 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_finite_export(tmp_path
             assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars(tag)), tag
 
 
+def test_non_finite_loss_at_the_first_step_writes_nothing(tmp_path, capsys):
+    # A prior weight of 1e39 overflows the fp32 total loss at step 0: the loss check, before any update.
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path, "--model.prior_loss_weight", "1e39", steps=4, every=1)
+    assert exit_info.value.code == 2
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("dallm: error:"))
+    assert "diverged at step 0: non-finite total loss" in line, line
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.safetensors"))
+
+
 def test_kid_round_skips_a_non_finite_model(tmp_path):
     from types import SimpleNamespace
 

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dallm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# Measured (RESULTS.md): the default 250-step run ends at 0.24-0.39x its step-0 kid/val over 3 seeds; this
-# 150-step run reached 0.24x (seed 0). The bound leaves a wide margin; a run that learns nothing stays ~1x.
-STEPS = 150
+# The default run's length (configs/toy.yaml), with KID only at step 0 and the end and 20 class images.
+# Measured (RESULTS.md, "Five seeds"): the default ends at 0.11-0.26x its step-0 kid/val for seeds 0, 2, 3
+# and 4 (seed 0, run here: 0.25x; seed 1 fails at 1.05x). The bound leaves a margin for the smaller class
+# set (not measured at 20 class images); a run that learns nothing stays ~1x.
+STEPS = 250
 MAX_RATIO = 0.7
 
 
-def test_short_toy_run_moves_kid_toward_the_teacher(tmp_path):
+@pytest.mark.slow
+def test_default_toy_run_moves_kid_toward_the_teacher(tmp_path):
     main(
         [
             "fit", "--config", str(ROOT / "configs/toy.yaml"),
