@@ -510,3 +510,97 @@ def format_metrics(metrics: dict[str, float]) -> str:
         se = metrics.get(f"{key}_se")
         shown.append(f"{key} {value:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
     return ", ".join(shown)
+
+
+class HParamsLog(pl.Callback):
+    """A run's settings and KID summary in TensorBoard's HParams tab, to compare the runs of a sweep.
+
+    Params: rank, alpha, num_teacher_images, lr (LoRA), token_lr, max_steps, seed, base, teacher.
+    Metrics (scalars, refreshed after every KID round): `hp/kid_val_start` (step 0), `hp/kid_val_best`,
+    `hp/kid_val_last`, `hp/kid_val_last_se` (when the KID callback logs `kid/val_se`), `hp/kid_prior_last`.
+    """
+
+    METRICS = (
+        "hp/kid_val_start",
+        "hp/kid_val_best",
+        "hp/kid_val_last",
+        "hp/kid_val_last_se",
+        "hp/kid_prior_last",
+    )
+
+    def __init__(self, enabled: bool = True) -> None:
+        """
+        Args:
+            enabled: write the HParams summary (needs the TensorBoard logger).
+        """
+        self.enabled = enabled
+        self._rounds_seen = -1
+
+    @staticmethod
+    def params(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float | str]:
+        """The settings a sweep compares, read from the module, data module, optimizer and seed."""
+        import os
+
+        hp, dm = pl_module.hparams, trainer.datamodule
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        lr = next((g["lr"] for g in groups if g.get("name") == "lora"), groups[0]["lr"] if groups else None)
+        return {
+            "rank": hp.rank,
+            "alpha": hp.alpha if hp.alpha is not None else hp.rank,
+            "num_teacher_images": len(dm.train_teacher_paths) if dm is not None else None,
+            "lr": lr,
+            "token_lr": hp.token_lr,
+            "max_steps": trainer.max_steps,
+            # Lightning records --seed_everything here; the module's own seed is the fallback.
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", hp.seed)),
+            "base": str(hp.pretrained_model_name_or_path),
+            "teacher": str(dm.hparams.teacher_dir) if dm is not None else None,
+        }
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Before Lightning's own log_hyperparams (same hook order in Trainer._run): TensorBoard keeps the
+        # first session summary of a run, and Lightning's holds neither these names nor the KID metrics.
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from torch.utils.tensorboard.summary import hparams
+
+        if not (self.enabled and trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger)):
+            return
+        params = {k: v for k, v in self.params(trainer, pl_module).items() if v is not None}
+        writer = trainer.logger.experiment._get_file_writer()  # as Lightning's log_hyperparams does
+        for summary in hparams(params, dict.fromkeys(self.METRICS, 0.0)):
+            writer.add_summary(summary)
+
+    def metrics(self, history: list[dict]) -> dict[str, float]:
+        """The HParams metrics from the KID rounds so far."""
+        rounds = [h for h in history if "kid/val" in h]
+        if not rounds:
+            return {}
+        out = {
+            "hp/kid_val_start": rounds[0]["kid/val"],
+            "hp/kid_val_best": min(h["kid/val"] for h in rounds),
+            "hp/kid_val_last": rounds[-1]["kid/val"],
+        }
+        if "kid/val_se" in rounds[-1]:
+            out["hp/kid_val_last_se"] = rounds[-1]["kid/val_se"]
+        prior = [h for h in history if "kid/prior" in h]
+        if prior:
+            out["hp/kid_prior_last"] = prior[-1]["kid/prior"]
+        return out
+
+    def _update(self, trainer) -> None:
+        kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
+        if not self.enabled or kid is None or len(kid.history) == self._rounds_seen or trainer.logger is None:
+            return
+        self._rounds_seen = len(kid.history)
+        values = self.metrics(kid.history)
+        if values and trainer.is_global_zero:
+            trainer.logger.log_metrics(values, step=trainer.global_step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._update(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._update(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._update(trainer)

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from dallm import preflight
 from dallm.callbacks import (
+    HParamsLog,
     KIDCallback,
     KIDEarlyStopping,
     LoraExport,
@@ -51,6 +52,8 @@ COMMANDS = {
     "teacher": "dallm.teacher:teacher_main",
     "sample": "dallm.sample:sample_main",
     "export": "dallm.export:export_main",
+    "sweep": "dallm.sweep:sweep_main",
+    "report": "dallm.report:report_main",
 }
 
 
@@ -88,6 +91,7 @@ class DallmCLI(LightningCLI):
             help="Stop when kid/val has not improved for this many KID rounds (Lightning's EarlyStopping); "
             "null: never.",
         )
+        parser.add_lightning_class_args(HParamsLog, "hparams")
         # One seed: --seed_everything decides the run; --data.seed (order, augmentation, noise, timesteps,
         # LoRA/token init) and --kid.seed (sampling seeds) are overrides that default to it.
         parser.set_defaults({"data.seed": None, "kid.seed": None})
