@@ -178,16 +178,7 @@ def write_exports(
             out_dir, embeddings, {"base_model": str(hp.pretrained_model_name_or_path)}
         )
     info = {
-        "base_model": hp.pretrained_model_name_or_path,
-        "revision": hp.revision,
-        "rank": hp.rank,
-        "alpha": hp.alpha if hp.alpha is not None else hp.rank,
-        "target_modules": list(hp.target_modules),
-        "train_text_encoder": hp.train_text_encoder,
-        "use_dora": bool(hp.get("use_dora", False)),
-        "placeholder_tokens": list(hp.placeholder_tokens),
-        "instance_prompt": hp.instance_prompt,
-        "token_files": [tokens.token_file_name(t) for t in hp.placeholder_tokens],
+        **module.export_info(),
         "global_step": step,
         "step": step,
         "resolution": run.get("resolution"),

@@ -490,22 +490,28 @@ class DallmModule(pl.LightningModule):
         finally:
             self.train(was_training)
 
-    def export(self, out_dir: str | Path) -> Path:
-        """Write the LoRA (diffusers format) and the token embeddings (textual-inversion files) to `out_dir`."""
-        self.check_finite("at the LoRA export")  # lora/last stays the last finite export
+    def export_info(self) -> dict:
+        """What every export records (`dallm.json`, LoRA metadata): base, LoRA shape, tokens, prompt, step."""
         hp = self.hparams
-        info = {
+        return {
             "base_model": hp.pretrained_model_name_or_path,
             "revision": hp.revision,
             "rank": hp.rank,
             "alpha": hp.alpha if hp.alpha is not None else hp.rank,
             "target_modules": list(hp.target_modules),
             "train_text_encoder": hp.train_text_encoder,
+            "use_dora": bool(hp.get("use_dora", False)),
             "placeholder_tokens": list(hp.placeholder_tokens),
             "instance_prompt": hp.instance_prompt,
             "global_step": self.global_step if self._trainer is not None else None,
             "token_files": [tokens.token_file_name(t) for t in hp.placeholder_tokens],
         }
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the LoRA (diffusers format) and the token embeddings (textual-inversion files) to `out_dir`."""
+        self.check_finite("at the LoRA export")  # lora/last stays the last finite export
+        hp = self.hparams
+        info = self.export_info()
         out_dir = Path(out_dir)
         lora.save_diffusers_lora(
             out_dir, self.unet, self.text_encoder if hp.train_text_encoder else None, info

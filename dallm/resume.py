@@ -274,6 +274,10 @@ SHAPE_CONTRACT = (
 )
 
 
+# Scheduler arguments that are its position, not its settings (jsonargparse fills them with defaults).
+SCHEDULER_STATE = {"last_epoch", "verbose"}
+
+
 def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True) -> list[str]:
     """`--flag checkpoint-value vs given-value` for every contract flag that differs from the checkpoint.
 
@@ -304,6 +308,8 @@ def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True) -> li
     sched_args = _get(cfg, "model.lr_scheduler.init_args") or {}
     if sched_states and isinstance(sched_states[0], dict):
         for key, value in sched_args.items():
+            if key in SCHEDULER_STATE:
+                continue  # where the schedule is, not what it is: restored from the checkpoint
             held = sched_states[0].get(key)
             if key in sched_states[0] and _plain(held) != _plain(value):
                 diffs.append(f"--model.lr_scheduler.{key} {_plain(held)!r} vs {_plain(value)!r}")

@@ -69,7 +69,7 @@ def write_clip_bpe_files(out_dir: Path, words: tuple[str, ...] | list[str] = TIN
 
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, resolution: int = 32):
     """Build a tiny SD pipeline with random weights, save it to `out_dir` (diffusers layout), return it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out_dir = Path(out_dir)
@@ -126,16 +126,9 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, resolution: int = 32
         steps_offset=1,
         prediction_type="epsilon",
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    from dallm.base import pipeline_from_parts
+
+    pipe = pipeline_from_parts(tokenizer, text_encoder, vae, unet, scheduler)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     for f in bpe_dir.iterdir():
         f.unlink()

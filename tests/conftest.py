@@ -19,3 +19,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
     build_tiny_pipeline(out, seed=0, resolution=32)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP vision model with projection (32x32 input), saved once per test session."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=16,
+    )
+    out = tmp_path_factory.mktemp("tiny_clip")
+    CLIPVisionModelWithProjection(cfg).save_pretrained(out)
+    return out

@@ -49,25 +49,6 @@ def folder(tmp_path) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=16,
-    )
-    out = tmp_path_factory.mktemp("tiny_clip")
-    CLIPVisionModelWithProjection(cfg).save_pretrained(out)
-    return out
-
-
 def extractors(tiny_clip_dir):
     return {
         "toy": build_feature_extractor("toy"),

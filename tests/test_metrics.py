@@ -122,25 +122,6 @@ def test_cmmd_matches_a_hand_computed_example():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=16,
-    )
-    out = tmp_path_factory.mktemp("tiny_clip")
-    CLIPVisionModelWithProjection(cfg).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def image_sets(tmp_path_factory) -> dict[str, Path]:
     """Procedural sets: two halves of one dark distribution, and a light one."""
     root = tmp_path_factory.mktemp("images")
