@@ -45,6 +45,7 @@ def test_kid_logged_at_zero_every_n_and_end(tmp_path):
     assert all(h["kid/val_se"] > 0 and h["kid/prior_se"] > 0 for h in history)
 
 
+@pytest.mark.slow
 def test_more_samples_than_teacher_images(tmp_path, capsys):
     # 12 generated samples against the tiny world's few held-out teacher images: allowed, with an SE.
     fit(tmp_path, "--kid.every_n_steps", "2", "--kid.num_samples", "12", "--kid.num_inference_steps", "2",

@@ -83,6 +83,7 @@ def test_seed_everything_decides_the_run(tmp_path, unobserved):
     assert saved["seed_everything"] == 1 and saved["data"]["seed"] == 1 and saved["kid"]["seed"] == 1
 
 
+@pytest.mark.slow
 def test_data_seed_and_kid_seed_are_overrides(tmp_path, unobserved):
     # --data.seed given: it wins over --seed_everything, for the whole training stream and the init.
     overridden = trained(tmp_path, "data_seed", "--seed_everything", "5", "--data.seed", "0", *KID_OFF, *VAL_OFF)

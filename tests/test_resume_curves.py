@@ -60,8 +60,8 @@ def resumed(tmp, stop: int) -> dict[str, list[tuple[int, float]]]:
 
 
 # A step that is not a KID step, one that is, and one drawn at random (printed on failure).
-@pytest.mark.parametrize("stop", [4, pytest.param(3, marks=pytest.mark.slow),
-                                  pytest.param(random.randrange(1, STEPS), marks=pytest.mark.slow)])  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [4, 3, random.randrange(1, STEPS)])
 def test_resumed_curves_equal_the_uninterrupted_ones(tmp_path, uninterrupted, stop):
     got = resumed(tmp_path, stop)
     for tag in TAGS:
