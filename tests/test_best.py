@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import fit
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import fit
 
 from dallm.callbacks import KIDCallback, StepProgressBar
 from dallm.cli import main

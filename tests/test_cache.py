@@ -93,7 +93,7 @@ def test_text_cache_only_for_prompts_without_trainable_tokens(tiny_model_dir):
 
 @pytest.mark.slow
 def test_training_with_and_without_cache_ends_equal(tmp_path):
-    from test_cli import fit, trainable
+    from helpers import fit, trainable
 
     # SGD, not Adam: Adam divides by the gradient's own scale, which turns 1e-8 float noise in near-zero
     # gradients (LoRA A while B is ~0) into full-size steps and hides what this test compares.

@@ -5,56 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import ROOT, TINY, fit, trainable
 from safetensors.torch import load_file
 
 from dallm.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def fit(tmp: Path, *extra: str, steps: int = 4, every: int = 4, name: str = "run") -> None:
-    main(
-        [
-            "fit",
-            "--config",
-            str(TINY),
-            "--model.pretrained_model_name_or_path",
-            str(ROOT / "assets/tiny/base"),
-            "--data.teacher_dir",
-            str(ROOT / "assets/tiny/teacher"),
-            "--data.prior_dir",
-            str(tmp / "prior"),
-            "--data.num_prior_images",
-            "4",
-            "--data.batch_size",
-            "2",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp / "logs"),
-            "--trainer.logger.init_args.name",
-            name,
-            "--trainer.max_steps",
-            str(steps),
-            "--trainer.val_check_interval",
-            str(every),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--checkpoint.every_n_train_steps",
-            str(every),
-            "--kid.every_n_steps",
-            "0",
-            *extra,
-        ]
-    )
-
-
-def trainable(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize(

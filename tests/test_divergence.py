@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
+from helpers import fit
 from safetensors.torch import load_file
-from test_cli import fit
 
 # lr 1e4 on the tiny model: step 0 is finite, the second update makes the weights (and so the loss) non-finite.
 DIVERGE = ["--model.optimizer.init_args.lr", "1e4", "--model.token_lr", "1e4"]

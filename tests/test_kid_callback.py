@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import fit
 
 KID = ["--kid.every_n_steps", "2", "--kid.num_samples", "6", "--kid.num_inference_steps", "3"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import fit
 from safetensors.torch import load_file
-from test_cli import fit
 
 STEPS = 4
 KID_OFF = ["--kid.every_n_steps", "0"]

@@ -7,8 +7,8 @@ import random
 
 import lightning.pytorch as pl
 import pytest
+from helpers import fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import fit
 
 STEPS = 8
 # KID at 0, 3, 6 and the end; train/loss every 2nd step; a checkpoint every step so any step can resume.
