@@ -136,7 +136,10 @@ def sweep_cmd(tmp: Path, name: str, grid: list[str], seeds: str, extra: list[str
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # The subprocess runs with this process's thread count: the in-process reference fits must sum their
+    # floats in the same order for the weights to be bit-identical (CI leaves OMP_NUM_THREADS unset).
+    threads = str(torch.get_num_threads())
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.mark.slow
