@@ -16,11 +16,11 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -120,11 +120,12 @@ def current_umask() -> int:
     return mask
 
 
-def save_bytes_atomic(data: bytes, path: str | Path) -> str:
+def save_bytes_atomic(data: bytes, path: str | Path, write: Callable[[BinaryIO, bytes], None] | None = None) -> str:
     """Write `data` to `path` via a temp file + `os.replace`; return the sha256 of the bytes.
 
     Readers therefore see either no file or the complete file, never a half-written one. A kill during
-    the write leaves a hidden `.NAME.*.tmp` file, which `remove_stale_temp_files` clears.
+    the write leaves a hidden `.NAME.*.tmp` file, which `remove_stale_temp_files` clears. `write(fh, data)`
+    replaces the plain `fh.write(data)` (the checkpoint writer's kill-test hook uses it).
     """
     path = Path(path)
     # Temp file in the same directory: os.replace is only atomic within one file system.
@@ -132,7 +133,10 @@ def save_bytes_atomic(data: bytes, path: str | Path) -> str:
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would respect the umask
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if write is None:
+                fh.write(data)
+            else:
+                write(fh, data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import yaml
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dallm.errors import DallmError
-from dallm.manifest import current_umask
+from dallm.manifest import save_bytes_atomic
 
 # Flags whose value is part of what a checkpoint *is*: hparams Lightning stores in the checkpoint.
 # A resume with another value would train something else (or crash on a shape mismatch), so it is refused.
@@ -71,6 +70,18 @@ MAY_CHANGE = (
 _STEP_CKPT = re.compile(r"step=(\d+)\.ckpt")
 
 
+def _write_in_halves(fh, data: bytes) -> None:
+    """Write `data` in two halves; between them, hold a half-written temp file for
+    `DALLM_TEST_CHECKPOINT_WRITE_PAUSE` seconds (tests/test_kill.py lands a SIGKILL mid-write there)."""
+    half = len(data) // 2
+    fh.write(data[:half])
+    pause = float(os.environ.get("DALLM_TEST_CHECKPOINT_WRITE_PAUSE", "0") or 0)
+    if pause > 0:
+        fh.flush()
+        time.sleep(pause)
+    fh.write(data[half:])
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with a write that is atomic in the checkpoint's own directory.
 
@@ -89,24 +100,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         data = buf.getvalue()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o666 & ~current_umask())
-            with os.fdopen(fd, "wb") as fh:
-                half = len(data) // 2
-                fh.write(data[:half])
-                # Test hook (tests/test_kill.py): hold a half-written temp file so a SIGKILL lands mid-write.
-                pause = float(os.environ.get("DALLM_TEST_CHECKPOINT_WRITE_PAUSE", "0") or 0)
-                if pause > 0:
-                    fh.flush()
-                    time.sleep(pause)
-                fh.write(data[half:])
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_bytes_atomic(data, path, write=_write_in_halves)
 
     def load_checkpoint(
         self, path, map_location: Any | None = None, weights_only: bool | None = None
