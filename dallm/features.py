@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from dallm.images import _to_rgb, list_images
+from dallm.images import list_images, to_rgb
 
 FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
 
@@ -112,12 +112,12 @@ def decode_for(path: str | Path, size: tuple[int, int] | None = None, crop: bool
                     if im.mode in ("RGBA", "LA"):
                         im = im.convert("RGBa")  # premultiplied: a box average of colours weighted by alpha
                     elif im.mode not in ("RGB", "L", "RGBa"):
-                        im = _to_rgb(im)
+                        im = to_rgb(im)
                     im = im.reduce((fx, fy))  # exact area average: a k-times pixel copy comes back exactly
                     if im.mode == "RGBa":
                         im = im.convert("RGBA")
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+                return to_rgb(im)
     except ValueError:
         raise
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ... for bad files

@@ -59,7 +59,7 @@ def list_images(directory: str | Path, flag: str) -> list[Path]:
     return paths
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         arr = np.asarray(im).astype(np.float64)
         if im.mode == "F":
@@ -91,7 +91,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             check_image_size(path, im.size)  # from the header, before a huge decode runs out of memory
             im.load()  # decodes now, so a truncated file fails here and not mid-training
             im = ImageOps.exif_transpose(im)  # a phone photo is trained upright, as it is displayed
-            return _to_rgb(im)
+            return to_rgb(im)
     except DallmError:
         raise
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
