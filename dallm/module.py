@@ -63,6 +63,7 @@ class DallmModule(pl.LightningModule):
         token_lr: float = 1e-3,
         instance_prompt: str = "a realistic painting of a cat in baroque art style like <s1><s2>",
         prior_loss_weight: float = 1.0,
+        uncond_loss_weight: float = 0.0,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         use_dora: bool = False,
@@ -95,6 +96,11 @@ class DallmModule(pl.LightningModule):
             token_lr: learning rate of the placeholder-token embeddings (the LoRA uses the optimizer's lr).
             instance_prompt: prompt of the teacher images, used for sampling (linked from --data.instance_prompt).
             prior_loss_weight: weight of the prior-preservation loss on class images.
+            uncond_loss_weight: weight of the unconditional-preservation loss: the LoRA model's prediction for
+                the empty prompt is pulled to the frozen base's (adapters off) on the same noisy latents, so the
+                branch classifier-free guidance extrapolates from stays the base's (no training example carries
+                the empty prompt, so nothing else holds it). 0: off. Costs a second UNet pass per step
+                (batched with the first) and one frozen forward (RESULTS.md: the toy default needs it).
             snr_gamma: min-SNR-gamma loss weighting (e.g. 5.0); null for the plain MSE.
             noise_offset: add this times a per-sample, per-channel constant N(0, 1) to the diffusion noise
                 (Guttenberg 2023; 0.05-0.1 lets the model make darker and brighter images); 0: off.
@@ -121,6 +127,8 @@ class DallmModule(pl.LightningModule):
             raise ValueError(f"--model.lora_dropout must be in [0, 1), got {lora_dropout}")
         if prior_loss_weight < 0:
             raise ValueError(f"--model.prior_loss_weight must be >= 0, got {prior_loss_weight}")
+        if uncond_loss_weight < 0:
+            raise ValueError(f"--model.uncond_loss_weight must be >= 0, got {uncond_loss_weight}")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"--model.snr_gamma must be > 0, got {snr_gamma}")
         if noise_offset < 0:
@@ -278,6 +286,29 @@ class DallmModule(pl.LightningModule):
         `generator` is one generator for the batch, or one per sample (each sample's latent noise,
         diffusion noise and timestep then come from its own generator, whatever the batch holds).
         """
+        return self.step_losses(batch, generator, uncond=False)[0]
+
+    @contextmanager
+    def base_only(self):
+        """The frozen base inside: LoRA layers of the UNet (and text encoder, if it has them) switched off."""
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        parts = [self.unet] + ([self.text_encoder] if self.hparams.train_text_encoder else [])
+        for part in parts:
+            set_adapter_layers(part, enabled=False)
+        try:
+            yield
+        finally:
+            for part in parts:
+                set_adapter_layers(part, enabled=True)
+
+    def step_losses(
+        self, batch: dict, generator: torch.Generator | list[torch.Generator], uncond: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample diffusion losses (N,) and, with `uncond`, per-sample unconditional-preservation losses
+        (N,): the squared distance of the model's empty-prompt prediction from the frozen base's at the
+        same noisy latents and timesteps (0 while the LoRA is still the identity). Same weighting for both.
+        """
         pixels = batch["pixel_values"].to(self.device, self.vae.dtype)  # (N, 3, H, W)
         with torch.no_grad():
             if self.latent_cache is not None and "keys" in batch:
@@ -299,15 +330,29 @@ class DallmModule(pl.LightningModule):
             )  # (N, 4, 1, 1)
             noise = noise + self.hparams.noise_offset * offset
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self.encode_prompts(batch["prompts"])
-        pred = self.unet(noisy, timesteps, hidden).sample
+        hidden = self.encode_prompts(batch["prompts"])  # (N, L, D)
+        n = latents.shape[0]
+        if uncond:
+            empty = self.encode_prompts([""] * n)
+            with torch.no_grad(), self.base_only():
+                base_empty = self.encode_prompts([""] * n) if self.hparams.train_text_encoder else empty
+                base_pred = self.unet(noisy, timesteps, base_empty).sample
+            # One batched pass for the prompts and the empty prompt: the same cost as two on a CPU, fewer
+            # kernel launches on a GPU.
+            both = self.unet(
+                torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([hidden, empty])
+            ).sample
+            pred, empty_pred = both[:n], both[n:]
+        else:
+            pred = self.unet(noisy, timesteps, hidden).sample
         target = diffusion.training_target(self.noise_scheduler, latents, noise, timesteps)
         losses = diffusion.per_sample_mse(pred, target)
+        uncond_losses = diffusion.per_sample_mse(empty_pred, base_pred) if uncond else None
         if self.hparams.snr_gamma is not None:
-            losses = losses * diffusion.min_snr_weights(
-                self.noise_scheduler, timesteps, self.hparams.snr_gamma
-            )
-        return losses
+            weights = diffusion.min_snr_weights(self.noise_scheduler, timesteps, self.hparams.snr_gamma)
+            losses = losses * weights
+            uncond_losses = uncond_losses * weights if uncond else None
+        return losses, uncond_losses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
@@ -315,27 +360,32 @@ class DallmModule(pl.LightningModule):
         generator = self.step_generator(micro_step)
         if self.hparams.lora_dropout > 0:
             torch.manual_seed(generator.initial_seed())  # dropout draws from the global RNG
-        losses = self.diffusion_losses(batch, generator)
+        uncond_weight = self.hparams.uncond_loss_weight
+        losses, uncond_losses = self.step_losses(batch, generator, uncond=uncond_weight > 0)
         loss, loss_instance, loss_prior = diffusion.instance_prior_loss(
             losses, batch["is_prior"].to(losses.device), self.hparams.prior_loss_weight
         )
+        parts = [("instance", loss_instance), ("prior", loss_prior)]
+        if uncond_losses is not None:
+            loss_uncond = uncond_losses.mean()
+            loss = loss + uncond_weight * loss_uncond
+            parts.append(("uncond", loss_uncond))
         # Decided together under DDP: a rank that stopped alone would leave the others in the all-reduce.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            which = [
-                name
-                for name, value in (("instance", loss_instance), ("prior", loss_prior))
-                if not torch.isfinite(value)
-            ]
+            which = [name for name, value in parts if not torch.isfinite(value)]
             what = f"{'/'.join(which)} loss" if which else "total loss (weighted sum, or on another rank)"
+            values = ", ".join(f"{name} {value.item():.4g}" for name, value in parts)
             raise DivergedError(
-                f"training diverged at step {self.global_step}: non-finite {what} "
-                f"(instance {loss_instance.item():.4g}, prior {loss_prior.item():.4g}); stopped before the "
-                "update, the last checkpoint and lora/ export are the last finite ones (try a lower --model.optimizer.lr)"
+                f"training diverged at step {self.global_step}: non-finite {what} ({values}); stopped before "
+                "the update, the last checkpoint and lora/ export are the last finite ones (try a lower "
+                "--model.optimizer.lr)"
             )
         n = len(batch["prompts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/loss_instance", loss_instance, batch_size=n)
         self.log("train/loss_prior", loss_prior, batch_size=n)
+        if uncond_losses is not None:
+            self.log("train/loss_uncond", loss_uncond, batch_size=n)
         for group in self.trainer.optimizers[0].param_groups:
             self.log(f"train/lr_{group['name']}", group["lr"], batch_size=n)
         return loss

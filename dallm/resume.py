@@ -39,6 +39,7 @@ MODEL_CONTRACT = (
     "initializer_token",
     "token_lr",
     "prior_loss_weight",
+    "uncond_loss_weight",
     "snr_gamma",
 )  # instance_prompt and seed are linked from --data.*, compared there
 DATA_CONTRACT = (

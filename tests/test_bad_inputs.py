@@ -198,6 +198,9 @@ CASES: dict[str, Case] = {
     "model-prior_loss_weight-negative": fit(
         "--model.prior_loss_weight", "-1", match="--model.prior_loss_weight"
     ),
+    "model-uncond_loss_weight-negative": fit(
+        "--model.uncond_loss_weight", "-1", match="--model.uncond_loss_weight"
+    ),
     "model-snr_gamma-zero": fit("--model.snr_gamma", "0", match="--model.snr_gamma"),
     "model-token_lr-zero": fit("--model.token_lr", "0", match="--model.token_lr"),
     "model-lr-negative": fit("--model.optimizer.lr", "-1", match="--model.optimizer.lr"),

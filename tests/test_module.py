@@ -97,6 +97,56 @@ def test_mixed_precision_stores_frozen_base_in_half(tiny_model_dir):
     assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
 
 
+def empty_prompt_gap(module: DallmModule) -> float:
+    """Mean squared distance of the module's empty-prompt prediction from the frozen base's."""
+    g = torch.Generator().manual_seed(7)
+    noisy = torch.randn(4, 4, 4, 4, generator=g)  # tiny VAE: 32 px -> 4x4 latents
+    t = torch.tensor([10, 300, 600, 900])
+    hidden = module.encode_prompts([""] * 4)
+    with torch.no_grad():
+        lora_pred = module.unet(noisy, t, hidden).sample
+        with module.base_only():
+            base_pred = module.unet(noisy, t, hidden).sample
+    return float((lora_pred - base_pred).pow(2).mean())
+
+
+def train_steps(module: DallmModule, steps: int, uncond_weight: float) -> None:
+    optimizer = torch.optim.AdamW(module.trainable_groups(), lr=1e-2)
+    for step in range(steps):
+        batch = fake_batch()
+        losses, uncond = module.step_losses(batch, module.step_generator(step), uncond=uncond_weight > 0)
+        loss, _, _ = diffusion.instance_prior_loss(losses, batch["is_prior"], 1.0)
+        if uncond is not None:
+            loss = loss + uncond_weight * uncond.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_uncond_loss_starts_at_zero_and_keeps_the_empty_prompt_near_the_base(tiny_model_dir):
+    module = make_module(tiny_model_dir)
+    plain = module.diffusion_losses(fake_batch(), module.step_generator(0))
+    losses, uncond = module.step_losses(fake_batch(), module.step_generator(0), uncond=True)
+    # The batched pass gives the prompts' losses of the plain pass; a fresh LoRA is the identity.
+    assert torch.allclose(losses, plain, rtol=1e-5, atol=1e-7)
+    assert uncond.shape == (4,) and float(uncond.max()) < 1e-10
+    free = make_module(tiny_model_dir)
+    held = make_module(tiny_model_dir)
+    train_steps(free, 3, uncond_weight=0.0)
+    train_steps(held, 3, uncond_weight=10.0)
+    gap_free, gap_held = empty_prompt_gap(free), empty_prompt_gap(held)
+    # Without the term the empty prompt drifts with the LoRA; with it, it stays near the base's.
+    assert gap_free > 1e-6 and gap_held < 0.2 * gap_free, (gap_free, gap_held)
+    # base_only() switched the adapters back on: the trained LoRA still changes a prompted prediction.
+    hidden = held.encode_prompts([PROMPT] * 4)
+    noisy, t = torch.randn(4, 4, 4, 4), torch.tensor([10, 300, 600, 900])
+    with torch.no_grad():
+        on = held.unet(noisy, t, hidden).sample
+        with held.base_only():
+            off = held.unet(noisy, t, hidden).sample
+    assert float((on - off).abs().max()) > 1e-4
+
+
 def test_v_prediction_target_and_prior_loss_split():
     from diffusers import DDPMScheduler
 
@@ -117,6 +167,7 @@ def test_v_prediction_target_and_prior_loss_split():
     [
         ({"rank": 0}, "--model.rank must be >= 1"),
         ({"lora_dropout": 1.0}, "--model.lora_dropout"),
+        ({"uncond_loss_weight": -0.5}, "--model.uncond_loss_weight must be >= 0"),
         ({"instance_prompt": "a cat"}, "does not contain the placeholder tokens"),
     ],
 )
