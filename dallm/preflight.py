@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dallm import resume, tokens
+from dallm import lora, resume, tokens
 from dallm.errors import DallmError
 
 
@@ -123,6 +123,34 @@ def check_config_files(argv: list[str]) -> None:
             )
 
 
+def check_lora_targets(model: Any) -> None:
+    """--model.target_modules (and the text encoder's) against the base's architecture, built from its
+    config files on the meta device: no weights are read, nothing is allocated."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    src, revision = model.get("pretrained_model_name_or_path"), model.get("revision")
+    parts = [("unet", "--model.target_modules", model.get("target_modules"))]
+    if model.get("train_text_encoder"):
+        parts.append(
+            ("text_encoder", "--model.text_encoder_target_modules", model.get("text_encoder_target_modules"))
+        )
+    for subfolder, flag, targets in parts:
+        try:
+            if subfolder == "unet":
+                config = UNet2DConditionModel.load_config(src, subfolder=subfolder, revision=revision)
+            else:
+                config = CLIPTextConfig.from_pretrained(src, subfolder=subfolder, revision=revision)
+        except (OSError, ValueError):
+            return  # an unreadable base is the loader's to report, naming the flag
+        with torch.device("meta"):
+            net = UNet2DConditionModel.from_config(config) if subfolder == "unet" else CLIPTextModel(config)
+        try:
+            lora.check_target_modules(net, list(targets or []), flag)
+        except ValueError as err:
+            raise DallmError(str(err)) from err
+
+
 def check_config(cfg: Any, subcommand: str) -> None:
     """All early checks of a `fit`/`validate` config; resolves `--ckpt_path last` on the way."""
     if subcommand == "fit":
@@ -150,4 +178,5 @@ def check_config(cfg: Any, subcommand: str) -> None:
     if cfg.get("model") is not None:
         check_optimizer(cfg.model.get("optimizer"))
         check_tokens(cfg.model)
+        check_lora_targets(cfg.model)
     resume.tidy(leftovers)  # the first write of an accepted resume, after every check passed

@@ -193,6 +193,14 @@ CASES: dict[str, Case] = {
     ),
     # --- model
     "model-rank-zero": fit("--model.rank", "0", match="--model.rank"),
+    # Checked on the architecture built from the config files (meta device), before the class images.
+    "model-target_modules-no-match": fit(
+        "--model.target_modules", "[to_x]", match="--model.target_modules: 'to_x' matches no module"
+    ),
+    "model-text_encoder_target_modules-no-match": fit(
+        "--model.train_text_encoder", "true", "--model.text_encoder_target_modules", "[q_projx]",
+        match="--model.text_encoder_target_modules: 'q_projx' matches no module",
+    ),
     "model-alpha-negative": fit("--model.alpha", "-1", match="--model.alpha"),
     "model-lora_dropout-one": fit("--model.lora_dropout", "1.0", match="--model.lora_dropout"),
     "model-prior_loss_weight-negative": fit(
