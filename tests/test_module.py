@@ -124,14 +124,13 @@ def train_steps(module: DallmModule, steps: int, uncond_weight: float) -> None:
 
 
 def test_uncond_loss_starts_at_zero_and_keeps_the_empty_prompt_near_the_base(tiny_model_dir):
-    module = make_module(tiny_model_dir)
-    plain = module.diffusion_losses(fake_batch(), module.step_generator(0))
-    losses, uncond = module.step_losses(fake_batch(), module.step_generator(0), uncond=True)
+    held = make_module(tiny_model_dir)
+    plain = held.diffusion_losses(fake_batch(), held.step_generator(0))
+    losses, uncond = held.step_losses(fake_batch(), held.step_generator(0), uncond=True)
     # The batched pass gives the prompts' losses of the plain pass; a fresh LoRA is the identity.
     assert torch.allclose(losses, plain, rtol=1e-5, atol=1e-7)
     assert uncond.shape == (4,) and float(uncond.max()) < 1e-10
     free = make_module(tiny_model_dir)
-    held = make_module(tiny_model_dir)
     train_steps(free, 3, uncond_weight=0.0)
     train_steps(held, 3, uncond_weight=10.0)
     gap_free, gap_held = empty_prompt_gap(free), empty_prompt_gap(held)
