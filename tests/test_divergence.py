@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 DIVERGE = ["--model.optimizer.init_args.lr", "1e4", "--model.token_lr", "1e4"]
 
 
+@pytest.mark.slow  # a fit with KID every step; the first-step case below stays in the fast loop
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_finite_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         fit(tmp_path, *DIVERGE, "--kid.every_n_steps", "1", "--kid.num_samples", "4",
