@@ -5,6 +5,12 @@ answer for the same pixels every time, so each image variant (content, resolutio
 encoded once. What is cached is the latent *distribution* (mean and log-variance), and the latent is
 still sampled from it with the step's own generator: the cached path draws exactly what the uncached
 one would, so caching changes speed, not results.
+
+Every image is encoded on its own (`encode_each`), cached or not: a convolution over a batch may sum in
+another order than over one image (oneDNN picks its algorithm by shape), so a latent encoded beside other
+images differed in the 7th digit from the same image encoded alone. The cache fills in whatever order the
+data stream first shows each image, which differs after a resume, and that was the whole of a resumed
+run's 1e-7 gap to an uninterrupted one; one image per call makes each latent a function of its pixels.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ def vae_identity(vae, source: str) -> str:
         if not p.is_meta:  # shape-only models (benchmarks, tests) have no values to fingerprint
             h.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def encode_each(encode, pixels: torch.Tensor) -> torch.Tensor:
+    """`encode` applied to each image of (N, 3, H, W) `pixels` alone: (N, ...) whatever else is in the batch."""
+    return torch.cat([encode(pixels[i : i + 1]) for i in range(pixels.shape[0])])
 
 
 class LatentCache:
@@ -64,11 +75,11 @@ class LatentCache:
             tmp.replace(path)  # atomic: a crash never leaves a half-written entry
 
     def latent_params(self, keys: list[str], pixels: torch.Tensor, encode) -> torch.Tensor:
-        """Parameters for each key, encoding only the misses (in one batch): (N, 2C, h, w)."""
+        """Parameters for each key, encoding only the misses (each on its own): (N, 2C, h, w)."""
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # a key's first position in the batch
         missing = [k for k in first if self.get(k) is None]
         if missing:
-            fresh = encode(pixels[[first[k] for k in missing]])  # (M, 2C, h, w)
+            fresh = encode_each(encode, pixels[[first[k] for k in missing]])  # (M, 2C, h, w)
             for key, params in zip(missing, fresh, strict=True):
                 self.put(key, params)
         self.hits += len(keys) - len(missing)

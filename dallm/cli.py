@@ -80,6 +80,9 @@ class DallmCLI(LightningCLI):
                 "checkpoint.save_top_k": -1,
                 "checkpoint.filename": "step={step:06d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # A resumed (or copied) run overwrites last.ckpt instead of writing last-v1.ckpt beside it,
+                # which the next `--ckpt_path last` would never read.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(LoraExport, "export")

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from dallm import diffusion, lora, tokens
-from dallm.cache import LatentCache, vae_identity
+from dallm.cache import LatentCache, encode_each, vae_identity
 from dallm.errors import DallmError
 from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
 
@@ -311,13 +311,12 @@ class DallmModule(pl.LightningModule):
         """
         pixels = batch["pixel_values"].to(self.device, self.vae.dtype)  # (N, 3, H, W)
         with torch.no_grad():
+            encode = lambda x: self.vae.encode(x).latent_dist.parameters  # noqa: E731
             if self.latent_cache is not None and "keys" in batch:
-                params = self.latent_cache.latent_params(
-                    batch["keys"], pixels, lambda x: self.vae.encode(x).latent_dist.parameters
-                )
-                dist = DiagonalGaussianDistribution(params.to(self.vae.dtype))  # (N, 2C, h, w)
+                params = self.latent_cache.latent_params(batch["keys"], pixels, encode)
             else:
-                dist = self.vae.encode(pixels).latent_dist
+                params = encode_each(encode, pixels)  # as the cache does: the same latents either way
+            dist = DiagonalGaussianDistribution(params.to(self.vae.dtype))  # (N, 2C, h, w)
             latents = dist.sample(generator=generator) * self.vae.config.scaling_factor  # (N, 4, H/8, W/8)
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = diffusion.sample_timesteps(

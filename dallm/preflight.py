@@ -179,4 +179,4 @@ def check_config(cfg: Any, subcommand: str) -> None:
         check_optimizer(cfg.model.get("optimizer"))
         check_tokens(cfg.model)
         check_lora_targets(cfg.model)
-    resume.tidy(leftovers)  # the first write of an accepted resume, after every check passed
+    resume.tidy(leftovers, cfg.get("ckpt_path"))  # the first write of an accepted resume, after every check passed

@@ -71,16 +71,37 @@ MAY_CHANGE = (
 _STEP_CKPT = re.compile(r"step=(\d+)\.ckpt")
 
 
-def _write_in_halves(fh, data: bytes) -> None:
-    """Write `data` in two halves; between them, hold a half-written temp file for
-    `DALLM_TEST_CHECKPOINT_WRITE_PAUSE` seconds (tests/test_kill.py lands a SIGKILL mid-write there)."""
-    half = len(data) // 2
-    fh.write(data[:half])
-    pause = float(os.environ.get("DALLM_TEST_CHECKPOINT_WRITE_PAUSE", "0") or 0)
-    if pause > 0:
+# Test hook (tests/test_kill.py, tests/test_sweep.py): "PATH_SUFFIX:mid" holds the first write of a checkpoint
+# whose path ends with PATH_SUFFIX half-written, "PATH_SUFFIX:after" holds it just after the file is complete
+# (before the step's metrics are logged); either way a marker `.NAME.held` appears beside it and the
+# process sleeps until the test kills it, so each kill lands at exactly the moment the test names.
+TEST_PAUSE_ENV = "DALLM_TEST_CHECKPOINT_PAUSE"
+
+
+def _test_hold(path: Path) -> str | None:
+    """The phase ("mid" or "after") at which to hold this write, or None (always None outside the tests)."""
+    spec = os.environ.get(TEST_PAUSE_ENV, "")
+    suffix, _, phase = spec.rpartition(":")
+    if not suffix or not str(path).endswith(suffix) or phase not in ("mid", "after"):
+        return None
+    return phase
+
+
+def _hold_forever(path: Path) -> None:
+    (path.parent / f".{path.name}.held").touch()
+    time.sleep(3600)
+
+
+def _write_in_halves(path: Path):
+    """A writer that holds `path`'s half-written temp file (see TEST_PAUSE_ENV)."""
+
+    def write(fh, data: bytes) -> None:
+        fh.write(data[: len(data) // 2])
         fh.flush()
-        time.sleep(pause)
-    fh.write(data[half:])
+        _hold_forever(path)
+        fh.write(data[len(data) // 2 :])
+
+    return write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -101,7 +122,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         data = buf.getvalue()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_bytes_atomic(data, path, write=_write_in_halves)
+        hold = _test_hold(path)
+        save_bytes_atomic(data, path, write=_write_in_halves(path) if hold == "mid" else None)
+        if hold == "after":
+            _hold_forever(path)
 
     def load_checkpoint(
         self, path, map_location: Any | None = None, weights_only: bool | None = None
@@ -144,26 +168,34 @@ def readable(path: Path) -> bool:
 
 
 def newest_readable(checkpoints: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume in a run's `checkpoints/` dir: last.ckpt, else the newest readable step=*.ckpt.
+    """The checkpoint to resume in a run's `checkpoints/` dir: the readable one of the highest step.
 
-    Returns the path (or None) and notes on what was skipped, for the user.
+    That is last.ckpt, unless a kill landed between a step's `step=N.ckpt` and its `last.ckpt` (Lightning
+    writes them in that order), or last.ckpt is missing, empty or truncated: then the newest readable
+    `step=*.ckpt`. Returns the path (or None) and notes on what was skipped, for the user.
     """
     notes = []
     last = checkpoints / "last.ckpt"
+    last_step = -1
     if last.is_file():
-        if readable(last):
-            return last, notes
-        notes.append(f"{last} is unreadable ({last.stat().st_size} bytes)")
+        try:
+            last_step = int(load_checkpoint(last).get("global_step", 0))
+        except DallmError:
+            notes.append(f"{last} is unreadable ({last.stat().st_size} bytes)")
     steps = sorted(
         (p for p in checkpoints.glob("step=*.ckpt") if _STEP_CKPT.fullmatch(p.name)),
         key=lambda p: int(_STEP_CKPT.fullmatch(p.name).group(1)),
         reverse=True,
     )
     for p in steps:
+        if int(_STEP_CKPT.fullmatch(p.name).group(1)) <= last_step:
+            break
         if readable(p):
+            if last_step >= 0:
+                notes.append(f"{last} holds step {last_step}, {p.name} is newer")
             return p, notes
         notes.append(f"{p} is unreadable")
-    return None, notes
+    return (last if last_step >= 0 else None), notes
 
 
 def stale_checkpoint_temps(checkpoints: Path) -> list[Path]:
@@ -173,20 +205,25 @@ def stale_checkpoint_temps(checkpoints: Path) -> list[Path]:
     return sorted({p for pattern in ("*.tmp*", ".*.tmp") for p in checkpoints.glob(pattern) if p.is_file()})
 
 
-def tidy(paths: list[Path]) -> None:
-    """After an accepted resume: remove stale temp files, and set an unreadable last.ckpt aside.
+def tidy(paths: list[Path], resumed: str | Path | None = None) -> None:
+    """After an accepted resume: remove stale temp files, and make last.ckpt the checkpoint being resumed.
 
-    An unreadable last.ckpt left in place would make Lightning write `last-v1.ckpt` beside it, and the
-    next `--ckpt_path last` would find the broken one first. Only called when no writer of the run lives.
+    An unreadable last.ckpt is set aside (`last.ckpt.unreadable`), an older one replaced: `last` must mean
+    the newest, for the user and for the next `--ckpt_path last`. Only called when no writer of the run lives.
     """
     for p in paths:
         if p.name == "last.ckpt":
-            aside = p.with_name("last.ckpt.unreadable")
-            p.replace(aside)
-            print(f"dallm: moved the unreadable {p} to {aside.name}")
+            if p.is_file() and not readable(p):
+                aside = p.with_name("last.ckpt.unreadable")
+                p.replace(aside)
+                print(f"dallm: moved the unreadable {p} to {aside.name}")
         else:
             p.unlink(missing_ok=True)
             print(f"dallm: removed {p} (left by a killed checkpoint write)")
+    if resumed is not None and any(p.name == "last.ckpt" for p in paths):
+        resumed = Path(resumed)
+        save_bytes_atomic(resumed.read_bytes(), resumed.parent / "last.ckpt")
+        print(f"dallm: last.ckpt is now a copy of {resumed.name}, the newest checkpoint")
 
 
 def resolve_last_checkpoint(cfg) -> list[Path]:
@@ -227,8 +264,9 @@ def resolve_last_checkpoint(cfg) -> list[Path]:
         print(f"dallm: resuming {cfg.ckpt_path}")
         checkpoints = run / "checkpoints"
         last = checkpoints / "last.ckpt"
-        unreadable = [last] if found != last and last.is_file() else []
-        return unreadable + stale_checkpoint_temps(checkpoints)
+        # Not the newest: unreadable or older. tidy() sets it aside or replaces it once the resume is accepted.
+        behind = [last] if found != last else []
+        return behind + stale_checkpoint_temps(checkpoints)
     raise DallmError(
         f"--ckpt_path last: no readable checkpoints/last.ckpt or step=*.ckpt under {root}/version_*: "
         "nothing to resume"

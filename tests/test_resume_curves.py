@@ -1,9 +1,7 @@
 """A run interrupted at some step and resumed with `--ckpt_path last` logs the same curves as one that never
-stopped: no extra KID round at the resume step, no missing or duplicated train/loss point."""
+stopped: no extra KID round at the resume step, no missing or duplicated point, every value bit-identical."""
 
 from __future__ import annotations
-
-import random
 
 import lightning.pytorch as pl
 import pytest
@@ -59,17 +57,12 @@ def resumed(tmp, stop: int) -> dict[str, list[tuple[int, float]]]:
     return curves(tmp / "logs/run/version_0")
 
 
-# A step that is not a KID step, one that is, and one drawn at random (printed on failure).
+# Every kind of step to stop at: the first, a KID step, a validation + checkpoint step, one that is neither,
+# the last before the end. A fixed list: the same steps are tested on every run of the suite.
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [4, 3, random.randrange(1, STEPS)])
+@pytest.mark.parametrize("stop", [1, 3, 4, 5, 7])
 def test_resumed_curves_equal_the_uninterrupted_ones(tmp_path, uninterrupted, stop):
     got = resumed(tmp_path, stop)
     for tag in TAGS:
         assert [s for s, _ in got[tag]] == [s for s, _ in uninterrupted[tag]], (tag, stop)
-        if tag == "val/loss":
-            # The latent cache fills in a different batch order after a resume: VAE-encoding the held-out
-            # images in other batches moves val/loss in the 7th digit (measured 1.2e-7).
-            values = [v for _, v in got[tag]]
-            assert values == pytest.approx([v for _, v in uninterrupted[tag]], rel=1e-5), (tag, stop)
-        else:
-            assert got[tag] == uninterrupted[tag], (tag, stop)  # bit-identical
+        assert got[tag] == uninterrupted[tag], (tag, stop)  # bit-identical

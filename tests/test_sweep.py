@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from dallm.cli import main
+from dallm.resume import TEST_PAUSE_ENV
 from dallm.sweep import Run, expand, parse_grid_item, prepare, run_name, sweep, sweep_main, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,13 +122,13 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def assert_same_run(a: Path, b: Path, atol: float = 0.0) -> None:
-    """Same files, and the same exported weights (bit for bit unless `atol`)."""
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same files, and the same exported weights, bit for bit."""
     assert layout(a) == layout(b)
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and wa
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0) if atol else torch.equal(wa[k], wb[k]), k
+        assert torch.equal(wa[k], wb[k]), k
 
 
 def sweep_cmd(tmp: Path, name: str, grid: list[str], seeds: str, extra: list[str], *flags: str) -> list[str]:
@@ -196,18 +197,20 @@ def test_killed_sweep_resumes_crash_fails_alone_and_hparams_read_back(tmp_path: 
     extra = common(tmp_path, steps=6, kid=3)
     # rank 0 is refused by dallm fit: that run fails, the others still run.
     cmd = sweep_cmd(tmp_path, "k", ["model.rank=1,0,4"], "0", extra)
-    proc = subprocess.Popen(
-        cmd, env=env(), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    # Killed while the last run trains, just after its step-2 last.ckpt (the test hook holds it there).
     root = tmp_path / "sweeps" / "k"
     second = root / "rank=4,seed=0"
-    deadline = time.time() + 600
-    while not (second / "checkpoints" / "step=000002.ckpt").exists():  # killed while the last run trains
-        assert proc.poll() is None and time.time() < deadline, "sweep ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.5)  # let last.ckpt be written beside it
+    hold = {TEST_PAUSE_ENV: "rank=4,seed=0/checkpoints/last.ckpt:after"}
+    proc = subprocess.Popen(
+        cmd, env={**env(), **hold}, cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    while not (second / "checkpoints" / ".last.ckpt.held").exists():
+        assert proc.poll() is None, "sweep ended before it could be killed"
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    (second / "checkpoints" / ".last.ckpt.held").unlink()
     assert json.loads((root / "rank=1,seed=0/sweep_run.json").read_text())["status"] == "done"
     assert json.loads((root / "rank=0,seed=0/sweep_run.json").read_text())["status"] == "failed"
     assert (
@@ -224,8 +227,7 @@ def test_killed_sweep_resumes_crash_fails_alone_and_hparams_read_back(tmp_path: 
     assert json.loads((second / "sweep_run.json").read_text())["status"] == "done"
     assert "dallm: resuming" in (root / "logs" / "rank=4,seed=0.log").read_text()
     ref = single_fit(tmp_path, 4, None, 0, extra, "rank=4,seed=0")
-    # Resumed = uninterrupted to float rounding, the standard of test_cli's resume test (seeds differ by ~0.1).
-    assert_same_run(second, ref, atol=1e-6)
+    assert_same_run(second, ref)  # resumed = uninterrupted, bit for bit
 
     hp = read_hparams(root / "rank=1,seed=0")
     assert hp["params"]["rank"] == 1 and hp["params"]["seed"] == 0 and hp["params"]["max_steps"] == 6

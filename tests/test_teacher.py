@@ -58,6 +58,13 @@ def json_response(payload: object, k: int, status: int = 200, headers: dict | No
     return Response(text, status=status, headers=headers, content_type="application/json")
 
 
+def listed_pngs(out: Path) -> set[str]:
+    """PNG files of a teacher dir that its manifest lists: the images a run kept."""
+    if not (out / "manifest.jsonl").exists():
+        return set()
+    return {r["file"] for r in read_manifest(out) if r.get("file")} & set(pngs(out))
+
+
 def error(status: int, code: str | None, message: str, headers: dict | None = None) -> Callable:
     """OpenAI's error body, e.g. 400 content_policy_violation or 429 rate_limit_exceeded."""
     body = {"error": {"code": code, "message": message, "type": "invalid_request_error", "param": None}}
@@ -72,6 +79,8 @@ class ImagesAPI:
         self.script: dict[int, Callable[[dict, int], Response]] = {}
         self.default: Callable[[dict, int], Response] = ok
         self.delay = 0.0
+        self.hold_from: int | None = None  # requests k >= hold_from wait for `release` (a kill lands there)
+        self.release = threading.Event()
         self._lock = threading.Lock()
         server.expect_request("/v1/images/generations", method="POST").respond_with_handler(self)
         self.url = server.url_for("/v1")
@@ -84,6 +93,8 @@ class ImagesAPI:
                 {**body, "t": time.monotonic(), "auth": request.headers.get("Authorization")}
             )
         time.sleep(self.delay)
+        if self.hold_from is not None and k >= self.hold_from:
+            self.release.wait(120)
         return self.script.get(k, self.default)(body, k)
 
     @property
@@ -361,7 +372,7 @@ def test_refused_before_any_request(api, tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_killed_run_resumes_without_asking_twice(api, tmp_path, capsys):
     """SIGKILL a real `python -m dallm teacher` mid-way, then run it again: exactly --n images."""
-    api.delay = 0.25
+    api.hold_from = 3  # three images arrive; requests 3 and 4 are in flight, unanswered, at the kill
     out = tmp_path / "t"
     args = openai_args(api, out, "dall-e-3", 10, "--val_count", "2", "--concurrency", "2")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -373,22 +384,22 @@ def test_killed_run_resumes_without_asking_twice(api, tmp_path, capsys):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 90
-        while len(pngs(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        # A state the run reaches however slow the machine: three images kept, two requests held.
+        while not (len(api.requests) == 5 and len(listed_pngs(out)) == 3):
+            assert proc.poll() is None, proc.stdout.read().decode()
             time.sleep(0.02)
-        assert proc.poll() is None, proc.stdout.read().decode()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
+        api.hold_from = None
+        api.release.set()
     assert KEY.encode() not in proc.stdout.read()
-    listed = {r["file"] for r in read_manifest(out) if r.get("file")}
-    present = len(listed & set(pngs(out)))
-    assert 3 <= present < 8 and not any(out.glob("val/*.png"))
+    present = len(listed_pngs(out))
+    assert present == 3 and not any(out.glob("val/*.png"))
     asked_before = api.asked
 
-    api.delay = 0.0
     code, stdout, stderr = teacher(capsys, *args)
     assert code == 0, stderr
     assert f"present         {present}" in stdout
