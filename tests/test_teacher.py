@@ -79,6 +79,7 @@ class ImagesAPI:
         self.script: dict[int, Callable[[dict, int], Response]] = {}
         self.default: Callable[[dict, int], Response] = ok
         self.delay = 0.0
+        self.delays: dict[int, float] = {}  # request k answers after delays[k] instead of `delay`
         self.hold_from: int | None = None  # requests k >= hold_from wait for `release` (a kill lands there)
         self.release = threading.Event()
         self._lock = threading.Lock()
@@ -92,7 +93,7 @@ class ImagesAPI:
             self.requests.append(
                 {**body, "t": time.monotonic(), "auth": request.headers.get("Authorization")}
             )
-        time.sleep(self.delay)
+        time.sleep(self.delays.get(k, self.delay))
         if self.hold_from is not None and k >= self.hold_from:
             self.release.wait(120)
         return self.script.get(k, self.default)(body, k)
@@ -237,7 +238,10 @@ def test_openai_batches_per_model_and_writes_images_with_manifest(
 
 
 def test_429_retry_after_holds_back_every_worker(api, tmp_path, capsys):
-    api.delay = 0.1
+    # Request 0 is refused at once; request 1, already on its way, is answered 0.5 s later: by then the
+    # client has long read the 429, so a worker that ignored the shared hold would ask again at ~0.5 s.
+    # (With equal delays the two answers raced: the test depended on which thread the machine ran first.)
+    api.delays = {1: 0.5}
     api.script[0] = error(429, "rate_limit_exceeded", "Rate limit reached", {"Retry-After": "1"})
     out = tmp_path / "t"
     args = openai_args(api, out, "dall-e-3", 4, "--concurrency", "2", "--max_backoff", "0")
