@@ -75,3 +75,19 @@ def test_sample_errors_name_the_flag(tmp_path, capsys):
         main(["sample", "--lora", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "dallm: error: --lora" in capsys.readouterr().err
+
+
+def test_grid_labels_stay_apart_at_small_image_sizes():
+    from PIL import ImageDraw
+
+    from dallm.sample import label_grid
+
+    tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+    columns = ["seed 101", "seed 102", "seed 103"]
+    grid = np.asarray(label_grid([("p0 scale 1", tiles), ("p0 base", tiles)], columns).convert("L"))
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(columns[0])  # one label, as drawn
+    assert width > 32  # the labels are wider than the images: side by side they would overlap
+    inked = np.flatnonzero((grid[:14] < 128).any(axis=0))  # columns with label ink in the top band
+    # three labels of this width drawn side by side without overlapping span at least 3 widths
+    assert inked.max() - inked.min() + 1 >= 3 * width
+    assert grid.shape[0] == 14 + 2 * 32
