@@ -90,7 +90,7 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
         "",
         (f"- **Trigger word**: `{word}` — the file `{info['embedding_file']}` holds the learned tokens "
          f"{' '.join(f'`{t}`' for t in toks)} as one {len(toks)}-vector embedding, so `{word}` in a prompt "
-         f"stands where the run wrote {''.join(toks)}" if word else "- **Trigger word**: none (no learned tokens)"),
+         f"stands where the run wrote `{''.join(toks)}`" if word else "- **Trigger word**: none (no learned tokens)"),
         f"- **Trained on**: `{info['instance_prompt']}`",
         f"- **Settings**: step {step}"
         + (f" of {run['max_steps']}" if run.get("max_steps") else "")
@@ -139,19 +139,22 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
 
 
 def trigger_summary(lora_dir: Path) -> str | None:
-    """One line for the end-of-fit summary: the trigger word and what to type in each tool."""
+    """The end-of-fit summary's lines on the trigger word: the word, and what to type in A1111/Forge/ComfyUI."""
     path = Path(lora_dir) / "dallm.json"
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
+    info = json.loads(path.read_text()) if path.is_file() else {}
     if not info.get("trigger"):
         return None
     prompts = tool_prompts(info)
-    shown = [f"A1111/Forge: {prompts['a1111']!r}"] if "a1111" in prompts else []
-    shown += [f"ComfyUI: {prompts['comfyui']!r}"] if "comfyui" in prompts else []
-    shown += [f"diffusers: {prompts['diffusers']!r}"]
-    return (
-        f"  trigger word: {info['trigger']} (file {info['embedding_file']}); "
-        + "; ".join(shown)
-        + f"   (where each file goes: {Path(lora_dir) / 'README.md'})"
+    lines = [
+        f"  trigger word: {info['trigger']} (the file {info['embedding_file']}; which file goes where in each "
+        f"tool: {Path(lora_dir) / 'README.md'})"
+    ]
+    lines += [f"    A1111/Forge: {prompts['a1111']}"] if "a1111" in prompts else []
+    lines += (
+        [f"    A1111: {prompts['a1111 (one file)']}"]
+        if "a1111" not in prompts and "a1111 (one file)" in prompts
+        else []
     )
+    lines += [f"    ComfyUI: {prompts['comfyui']}"] if "comfyui" in prompts else []
+    lines += [f"    diffusers, kohya: {prompts['diffusers']}"]
+    return "\n".join(lines)

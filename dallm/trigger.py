@@ -100,22 +100,21 @@ def load_run_embedding(path: str | Path) -> torch.Tensor:
 
 
 def tool_prompts(info: dict) -> dict[str, str]:
-    """The prompt to type in each tool for an export (`dallm.json`'s info), by tool.
+    """The prompt to type in each tool for an export (its `dallm.json` info), by tool.
 
-    A1111 and Forge get the LoRA tag of the kohya file (the `a1111` variant's when only that one is there).
+    Keys: `diffusers` (the trigger word), `diffusers (per-token files)` (the prompt as trained), and with a
+    kohya file `a1111`, `forge`, `comfyui`, `kohya`; with an a1111 file `a1111 (one file)`.
     """
     prompt, word = info["instance_prompt"], info.get("trigger")
     toks = list(info.get("placeholder_tokens") or []) if word else []
-    out = {"diffusers": trigger_prompt(prompt, toks, word) if word else prompt}
+    trigger = trigger_prompt(prompt, toks, word) if word else prompt
+    out = {"diffusers": trigger}
     if info.get("token_files"):
         out["diffusers (per-token files)"] = prompt
-    lora = info.get("kohya_file") or info.get("a1111_file")
-    if lora:
-        out["a1111"] = f"<lora:{Path(lora).stem}:1> {out['diffusers']}"
-    if info.get("a1111_file"):
-        out["a1111 (one file)"] = f"<lora:{Path(info['a1111_file']).stem}:1> {out['diffusers']}"
     if info.get("kohya_file"):
-        out["forge"] = out["a1111"]
-        out["kohya"] = out["diffusers"]
+        out["a1111"] = out["forge"] = f"<lora:{Path(info['kohya_file']).stem}:1> {trigger}"
         out["comfyui"] = trigger_prompt(prompt, toks, f"embedding:{word}") if word else prompt
+        out["kohya"] = trigger
+    if info.get("a1111_file"):
+        out["a1111 (one file)"] = f"<lora:{Path(info['a1111_file']).stem}:1> {trigger}"
     return out

@@ -48,7 +48,8 @@ def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["sample", "--lora", str(tmp_path / "run"), "--prompt", PROMPT, "--prompt", PLAIN, "--seeds", "0-2",
+        main(["sample", "--lora", str(tmp_path / "run"), "--prompt", PROMPT, "--prompt", PLAIN, "--prompt",
+              PROMPT.replace("<s1><s2>", "t-v0"), "--seeds", "0-2",
               "--steps", "4", "--lora_scale", "[1, 0]", "--compare", "--batch_size", "3", "--out", str(out)])  # fmt: skip
     assert exit_info.value.code == 0
     assert resolve_lora_dir(tmp_path / "run") == lora_dir
@@ -58,6 +59,8 @@ def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_
         # scale 0 switches the LoRA off: the base model's image for a prompt without the tokens
         assert np.abs(png(out / f"p1_scale0_seed{s}.png") - png(out / f"p1_base_seed{s}.png")).max() <= 1
         assert np.abs(png(out / f"p0_scale1_seed{s}.png") - png(out / f"p0_base_seed{s}.png")).max() > 10
+        # the run's one trigger word (the embedding file t-v0.safetensors) stands for <s1><s2>
+        assert np.array_equal(png(out / f"p2_scale1_seed{s}.png"), png(out / f"p0_scale1_seed{s}.png"))
     # --compare is the plain base pipeline
     pipe = pipeline(tiny_model_dir)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
@@ -66,7 +69,7 @@ def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_
     for s in range(3):
         assert np.abs(png(out / f"p1_base_seed{s}.png") - as_uint8(base[s])).max() <= 1
     grid = Image.open(out / "grid.png")
-    assert grid.height == 14 + 32 * 6 and grid.width > 32 * 3  # 2 prompts x (2 scales + base), 3 seeds
+    assert grid.height == 14 + 32 * 9 and grid.width > 32 * 3  # 3 prompts x (2 scales + base), 3 seeds
     assert json.loads((out / "samples.json").read_text())["step"] == 5
 
 
