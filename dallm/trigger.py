@@ -21,8 +21,9 @@ refused as "embedding file has multiple terms in it". `emb_params` is what kohya
 several), kohya's gen_img.py the first one.
 
 Why the per-token names cannot serve: A1111 matches an embedding's name by token ids, and CLIP splits a
-glued `<s1><s2>` into `<`, `s`, `1`, `><`, `s`, `2`, `>`: `<s2>`'s ids are there, `<s1>`'s (which end in
-`>`, not `><`) are not, so `<s1>` is silently dropped.
+glued `<s1><s2>` into `<`, `s`, `1`, `><`, `s`, `2`, `>` before its BPE, so the middle `>` lacks the
+word-end marker `<s1>` alone ends with: `<s2>`'s ids are there, `<s1>`'s are not, and `<s1>` is silently
+dropped.
 """
 
 from __future__ import annotations
