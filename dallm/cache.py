@@ -20,7 +20,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from dallm.manifest import save_safetensors
 
 
 def vae_identity(vae, source: str) -> str:
@@ -69,10 +71,8 @@ class LatentCache:
         self.memory[key] = params
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            path = self._file(key)
-            tmp = path.with_suffix(".tmp")
-            save_file({"params": params}, str(tmp), metadata={"key": key, "vae": self.vae_id})
-            tmp.replace(path)  # atomic: a crash never leaves a half-written entry
+            # atomic (a crash never leaves a half-written entry), readable as the umask says
+            save_safetensors({"params": params}, self._file(key), {"key": key, "vae": self.vae_id})
 
     def latent_params(self, keys: list[str], pixels: torch.Tensor, encode) -> torch.Tensor:
         """Parameters for each key, encoding only the misses (each on its own): (N, 2C, h, w)."""

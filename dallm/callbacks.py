@@ -21,8 +21,8 @@ def run_dir(trainer: pl.Trainer) -> Path:
 class LoraExport(pl.Callback):
     """Export the LoRA + token embeddings at every checkpoint and at the end of training, in every format.
 
-    Writes `<run dir>/lora/step=NNNNNN/` (diffusers files, the kohya/A1111 file, a model card; see
-    `dallm.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
+    Writes `<run dir>/lora/step=NNNNNN/` (diffusers files, the kohya file, the run's embedding, a model card;
+    see `dallm.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
     best-KID checkpoint (`checkpoints/best.ckpt`, a ModelCheckpoint monitoring kid/val) is saved. Global rank
     0 writes.
     """
@@ -31,8 +31,8 @@ class LoraExport(pl.Callback):
         """
         Args:
             enabled: export at every checkpoint and at the end of fit.
-            formats: export formats: diffusers (load_lora_weights + token files), kohya (one file for
-                AUTOMATIC1111/Forge/ComfyUI with the tokens bundled).
+            formats: export formats: diffusers (load_lora_weights + token files), kohya (for A1111, Forge,
+                ComfyUI and kohya, beside the run's embedding file), a1111 (the embedding bundled inside).
         """
         from dallm.formats import check_formats
 
@@ -84,8 +84,8 @@ class LoraExport(pl.Callback):
             return None
         kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
         formats = self.formats
-        if pl_module.hparams.get("use_dora") and "kohya" in formats:
-            formats = [f for f in formats if f != "kohya"] or ["diffusers"]
+        if pl_module.hparams.get("use_dora") and {"kohya", "a1111"} & set(formats):
+            formats = [f for f in formats if f not in ("kohya", "a1111")] or ["diffusers"]
             if not getattr(self, "_dora_noted", False):
                 rank_zero_info("dallm: DoRA has no exact kohya form; exporting the diffusers format only")
                 self._dora_noted = True

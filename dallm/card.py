@@ -1,9 +1,12 @@
-"""The model card of an export: what the LoRA is, its trigger words, its KID curve, how each front-end loads it."""
+"""The model card of an export: what the LoRA is, its trigger word, its KID curve, where each tool wants which file."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+from dallm.trigger import tool_prompts
 
 
 def plot_kid_curve(history: list[dict], step: int, path: Path) -> bool:
@@ -36,17 +39,42 @@ def plot_kid_curve(history: list[dict], step: int, path: Path) -> bool:
     return True
 
 
-def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], samples_dir) -> Path:
-    """`README.md`: what the LoRA is, its trigger words, its KID, and how to load it in each front-end."""
+def usage_rows(info: dict) -> list[tuple[str, str, str]]:
+    """(tool, which file goes where, prompt) for each tool the export serves, from its `dallm.json` info."""
+    prompts = tool_prompts(info)
+    emb, kohya, a1111 = info.get("embedding_file"), info.get("kohya_file"), info.get("a1111_file")
+    rows = []
+    if info.get("diffusers_file"):
+        rows.append(("diffusers", "this directory (Python below)", prompts["diffusers"]))
+    if kohya:
+        files = [f"`{kohya}` into `models/Lora`"] + ([f"`{emb}` into `embeddings`"] if emb else [])
+        rows.append(("AUTOMATIC1111", ", ".join(files), prompts["a1111"]))
+        rows.append(("Forge", ", ".join(files), prompts["forge"]))
+        rows.append(
+            ("ComfyUI", f"`{kohya}` into `models/loras` (a LoraLoader node)"
+             + (f", `{emb}` into `models/embeddings`" if emb else ""), prompts["comfyui"])
+        )  # fmt: skip
+        rows.append(
+            ("kohya sd-scripts", f"`gen_img.py --network_module networks.lora --network_weights {kohya}`"
+             + (f" `--textual_inversion_embeddings {emb}`" if emb else ""), prompts["kohya"])
+        )  # fmt: skip
+    if a1111:
+        rows.append(
+            ("AUTOMATIC1111, one file", f"`{a1111}` into `models/Lora` (the embedding is bundled inside; "
+             "Forge does not read the bundle, ComfyUI warns about it)", prompts["a1111 (one file)"])
+        )  # fmt: skip
+    return rows
+
+
+def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], samples_png) -> Path:
+    """`README.md`: what the LoRA is, its trigger word, its KID, and for each tool where the files go and
+    what to type. `samples_png` is the step's sample grid (copied as `samples.png`), if any."""
     step = info["step"]
-    toks = info["placeholder_tokens"]
+    toks, word = info["placeholder_tokens"], info.get("trigger")
     has_curve = plot_kid_curve(history, step, out_dir / "kid_curve.png")
-    grid = Path(samples_dir) / f"step={step:06d}.png" if samples_dir else None
-    has_grid = grid is not None and grid.is_file()
-    if has_grid:
-        shutil.copyfile(grid, out_dir / "samples.png")
-    kohya = info.get("kohya_file")
-    files = ", ".join(f"`{f}`" for f in info["token_files"])
+    has_grid = samples_png is not None and Path(samples_png).is_file()
+    if has_grid and Path(samples_png).resolve() != (out_dir / "samples.png").resolve():
+        shutil.copyfile(samples_png, out_dir / "samples.png")
     kid = (
         f"kid/val {info['kid/val']:.4g}"
         + (f" ± {info['kid/val_se']:.2g} (s.e.)" if "kid/val_se" in info else "")
@@ -60,9 +88,10 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
         f"{len(toks)} learned token(s) for `{info['base_model']}`, trained by dallm "
         "(LoRA + pivotal tuning + prior preservation).",
         "",
-        f"- **Trigger prompt** (diffusers): `{info['instance_prompt']}`",
-        f"- **Trigger words**: {', '.join(f'`{t}`' for t in toks) or 'none'}"
-        + (" — in A1111/Forge type them separated by spaces: `" + " ".join(toks) + "`" if toks else ""),
+        (f"- **Trigger word**: `{word}` — the file `{info['embedding_file']}` holds the learned tokens "
+         f"{' '.join(f'`{t}`' for t in toks)} as one {len(toks)}-vector embedding, so `{word}` in a prompt "
+         f"stands where the run wrote `{''.join(toks)}`" if word else "- **Trigger word**: none (no learned tokens)"),
+        f"- **Trained on**: `{info['instance_prompt']}`",
         f"- **Settings**: step {step}"
         + (f" of {run['max_steps']}" if run.get("max_steps") else "")
         + f", {run.get('num_train_images', '?')} teacher images, {run.get('num_reg_images', 0)} class images, "
@@ -71,28 +100,19 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
         + (", text encoder trained" if info["train_text_encoder"] else ""),
         f"- **KID at this step**: {kid}",
         "",
-    ]
+    ]  # fmt: skip
     if has_curve:
         lines += ["![KID while training](kid_curve.png)", ""]
     if has_grid:
         lines += ["Samples at this step (KID round's fixed seeds; second row: the class prompt):", "",
                   "![samples](samples.png)", ""]  # fmt: skip
+    lines += ["## Use it", "", "| tool | files | prompt |", "|---|---|---|"]
+    lines += [f"| {tool} | {files} | `{prompt}` |" for tool, files, prompt in usage_rows(info)]
     lines += [
-        "## Which file each front-end loads",
         "",
-        "| front-end | load | prompt |",
-        "|---|---|---|",
-        f"| diffusers | this directory: `pytorch_lora_weights.safetensors` + {files} | `{info['instance_prompt']}` |",
-    ]
-    if kohya:
-        lines += [
-            f"| AUTOMATIC1111 / Forge | `{kohya}` into `models/Lora` (tokens bundled inside) | "
-            f"`<lora:{Path(kohya).stem}:1> {' '.join(toks)}` |",
-            f"| ComfyUI | `{kohya}` into `models/loras`, {files} into `models/embeddings` | "
-            + " ".join(f"`embedding:{Path(f).stem}`" for f in info["token_files"])
-            + " |",
-        ]
-    lines += [
+        "Checked by running (dallm's tests): diffusers loads the LoRA and the embedding and reproduces the "
+        "run's own sample. Not run here: AUTOMATIC1111, Forge, ComfyUI and kohya's scripts; for them the file "
+        'layout and the prompts follow their loading code as read (see dallm\'s README, "Use the result").',
         "",
         "## diffusers",
         "",
@@ -101,13 +121,40 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
         "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{info["base_model"]}")',
         'pipe.load_lora_weights("THIS_DIR")',
-        "pipe.load_textual_inversion([" + ", ".join(f'"THIS_DIR/{f}"' for f in info["token_files"]) + "])",
-        f'image = pipe("{info["instance_prompt"]}").images[0]',
-        "```",
-        "",
-        "Or look at it with dallm: `python -m dallm sample --lora THIS_DIR --compare`.",
-        "",
     ]
+    if word:
+        lines += [f'pipe.load_textual_inversion("THIS_DIR/{info["embedding_file"]}", token="{word}")']
+    lines += [f'image = pipe("{tool_prompts(info)["diffusers"]}").images[0]', "```", ""]
+    if info.get("token_files"):
+        lines += [
+            "Or with one file per token and the prompt as trained: `pipe.load_textual_inversion(["
+            + ", ".join(f'"THIS_DIR/{f}"' for f in info["token_files"])
+            + f'])`, then `pipe("{info["instance_prompt"]}")`.',
+            "",
+        ]
+    lines += ["Or look at it with dallm: `python -m dallm sample --lora THIS_DIR --compare`.", ""]
     path = out_dir / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def trigger_summary(lora_dir: Path) -> str | None:
+    """The end-of-fit summary's lines on the trigger word: the word, and what to type in A1111/Forge/ComfyUI."""
+    path = Path(lora_dir) / "dallm.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    if not info.get("trigger"):
+        return None
+    prompts = tool_prompts(info)
+    lines = [
+        f"  trigger word: {info['trigger']} (the file {info['embedding_file']}; which file goes where in each "
+        f"tool: {Path(lora_dir) / 'README.md'})"
+    ]
+    lines += [f"    A1111/Forge: {prompts['a1111']}"] if "a1111" in prompts else []
+    lines += (
+        [f"    A1111: {prompts['a1111 (one file)']}"]
+        if "a1111" not in prompts and "a1111 (one file)" in prompts
+        else []
+    )
+    lines += [f"    ComfyUI: {prompts['comfyui']}"] if "comfyui" in prompts else []
+    lines += [f"    diffusers, kohya: {prompts['diffusers']}"]
+    return "\n".join(lines)

@@ -153,6 +153,11 @@ class DallmCLI(LightningCLI):
             print(f"  TensorBoard: tensorboard --logdir {out.parent}")
             print(f"  checkpoints: {out / 'checkpoints'}   (resume: --ckpt_path last)")
             print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}   (look at it: python -m dallm sample --lora {out})")
+            from dallm.card import trigger_summary
+
+            trigger = trigger_summary(out / "lora" / "last")
+            if trigger:
+                print(trigger)
             kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
             rounds = [h for h in kid.history if "kid/val" in h] if kid is not None else []
             if rounds:

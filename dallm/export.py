@@ -1,5 +1,6 @@
-"""`dallm export CKPT|RUN_DIR --format diffusers,kohya --out DIR`: a checkpoint's LoRA + tokens in the formats
-of dallm.formats, with a model card. A command module: the library never imports it."""
+"""`dallm export CKPT|LORA_DIR|RUN_DIR --format diffusers,kohya,a1111 --out DIR`: a checkpoint's or an export
+directory's LoRA + tokens in the formats of dallm.formats, with a model card. A command module: the library
+never imports it."""
 
 from __future__ import annotations
 
@@ -9,20 +10,32 @@ from pathlib import Path
 import torch
 
 from dallm.errors import PARSER_KWARGS, DallmError
-from dallm.formats import check_formats, run_name, write_exports
+from dallm.formats import check_formats, run_name, write_exports, write_trained
+from dallm.trained import from_lora_dir, resolve_lora_dir
+from dallm.trigger import check_trigger_name
 
 
-def resolve_checkpoint(source: str | Path) -> Path:
-    """A checkpoint file, or a run dir's `checkpoints/best.ckpt`, else its `checkpoints/last.ckpt`."""
+def resolve_source(source: str | Path) -> tuple[str, Path]:
+    """("checkpoint", file) or ("lora", export dir) for SOURCE.
+
+    A file is a checkpoint; a directory with dallm.json an export (`lora/last`, `lora/best`, `lora/step=N`);
+    a run dir means its `checkpoints/best.ckpt`, else `last.ckpt`, else its `lora/best`, else `lora/last`.
+    """
     source = Path(source)
     if source.is_file():
-        return source
+        return "checkpoint", source
+    if (source / "dallm.json").is_file():
+        return "lora", source
     for name in ("best.ckpt", "last.ckpt"):
         if (source / "checkpoints" / name).is_file():
-            return source / "checkpoints" / name
-    raise FileNotFoundError(
-        f"SOURCE {source}: not a checkpoint file nor a run dir with checkpoints/best|last.ckpt"
-    )
+            return "checkpoint", source / "checkpoints" / name
+    try:
+        return "lora", resolve_lora_dir(source, "SOURCE")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"SOURCE {source}: not a checkpoint file, an export dir (with dallm.json), nor a run dir with "
+            "checkpoints/best|last.ckpt or lora/best|last"
+        ) from None
 
 
 def callback_state(checkpoint: dict, name: str) -> dict:
@@ -56,33 +69,53 @@ def export(
     base: str | None = None,
     name: str | None = None,
 ) -> int:
-    """Export a checkpoint's LoRA + tokens for diffusers, AUTOMATIC1111/Forge/ComfyUI (kohya) and a model card.
+    """Export a LoRA + its tokens for diffusers, AUTOMATIC1111, Forge, ComfyUI and kohya, with a model card.
+
+    Every export also holds `<name>.safetensors`, the learned tokens as one embedding: `<name>` is the
+    trigger word in every tool (the model card says which file goes where and what to type).
 
     Args:
-        source: a checkpoint (`checkpoints/step=000250.ckpt`) or a run dir (its best.ckpt, else last.ckpt).
-        format: comma-separated or list: diffusers, kohya.
+        source: a checkpoint (`checkpoints/step=000250.ckpt`), an export dir (`lora/last`, `lora/best`,
+            `lora/step=000250`) or a run dir (its best.ckpt, else last.ckpt, else lora/best, else lora/last).
+        format: comma-separated or list: diffusers (load_lora_weights), kohya (`<name>-lora.safetensors`:
+            A1111, Forge, ComfyUI, kohya, with the embedding file), a1111 (`<name>-a1111.safetensors`: the
+            embedding bundled inside, for A1111 alone).
         out: output directory; default `<run dir>/export/step=NNNNNN`.
-        base: base model (hub id or directory) instead of the one recorded in the checkpoint.
-        name: LoRA name (the kohya file's name, shown by A1111); default the run's name.
+        base: base model (hub id or directory) instead of the one recorded.
+        name: the export's name: the trigger word and the files' stem; default the run's name.
     """
     formats = check_formats(format.split(",") if isinstance(format, str) else list(format))
-    ckpt_path = resolve_checkpoint(source)
-    run_dir = ckpt_path.resolve().parent.parent
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    run = dict(callback_state(checkpoint, "LoraExport").get("run_info") or {"name": run_name(run_dir)})
+    if name:
+        check_trigger_name(name, "--name")
+    kind, path = resolve_source(source)
+    if kind == "lora":
+        trained, saved = from_lora_dir(path)
+        parent = path.resolve().parent
+        run_dir = parent.parent if parent.name == "lora" else parent  # lora/last -> the run dir
+        run = dict(saved.get("run") or {"name": run_name(run_dir)})
+        history, step = list(saved.get("kid_history") or []), int(saved["step"])
+        if base is not None:
+            trained.info["base_model"] = base
+    else:
+        run_dir = path.resolve().parent.parent
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        run = dict(callback_state(checkpoint, "LoraExport").get("run_info") or {"name": run_name(run_dir)})
+        history = callback_state(checkpoint, "KIDCallback").get("history", [])
+        step = int(checkpoint["global_step"])
     if name:
         run["name"] = name
-    history = callback_state(checkpoint, "KIDCallback").get("history", [])
-    step = int(checkpoint["global_step"])
-    module = module_from_checkpoint(checkpoint, base)
     out_dir = Path(out) if out else run_dir / "export" / f"step={step:06d}"
-    write_exports(module, out_dir, step, formats, run, history, run_dir / "samples")
-    print(f"dallm export: step {step} of {ckpt_path} -> {out_dir} ({', '.join(formats)})")
+    if kind == "lora":
+        write_trained(trained, out_dir, step, formats, run, history, path / "samples.png")
+    else:
+        module = module_from_checkpoint(checkpoint, base)
+        write_exports(module, out_dir, step, formats, run, history, run_dir / "samples")
+    print(f"dallm export: step {step} of {path} -> {out_dir} ({', '.join(formats)})")
     return 0
 
 
 def export_main(argv: list[str]) -> int:
-    """`dallm export CKPT|RUN_DIR --format diffusers,kohya --out DIR`; errors on one line, exit status 2."""
+    """`dallm export CKPT|LORA_DIR|RUN_DIR --format diffusers,kohya --out DIR`; errors on one line, exit status 2."""
     from jsonargparse import CLI
 
     try:  # other errors reach cli.main's boundary: one line, exit 2

@@ -1,13 +1,20 @@
 """The formats a trained LoRA is exported in, for the tools people use (the command is dallm.export).
 
-Formats, all in one directory per exported step:
-- `diffusers`: `pytorch_lora_weights.safetensors` + one textual-inversion file per token (`load_lora_weights`
-  + `load_textual_inversion`).
-- `kohya`: `<run name>.safetensors`, kohya's `lora_unet_*`/`lora_te_*` keys with `.alpha`, the placeholder
-  tokens bundled as `bundle_emb.<token>.string_to_param.*` (AUTOMATIC1111 1.5+, Forge) and kohya's `ss_*`
-  metadata. The key conversion is diffusers' own `convert_state_dict_to_kohya`; only the alpha values, the
-  SD1 text-encoder prefix, the bundled tokens and the metadata are written here.
-- a model card (`README.md`) with the KID curve (`kid_curve.png`) and the sample grid of that step.
+Formats, all in one directory per exported step (`<name>` is the run's name, e.g. `toy-v0`):
+- always, when the run learned tokens: `<name>.safetensors`, both token rows as ONE multi-vector
+  textual-inversion embedding `{"emb_params": (T, D)}`, so `<name>` is the one trigger word in every tool
+  (see dallm.trigger).
+- `diffusers`: `pytorch_lora_weights.safetensors` + one textual-inversion file per token, `{token: (1, D)}`
+  (`load_lora_weights` + `load_textual_inversion`).
+- `kohya`: `<name>-lora.safetensors`, kohya's `lora_unet_*`/`lora_te_*` keys with `.alpha` and kohya's
+  `ss_*` metadata, nothing else: every key maps to a layer in A1111, Forge, ComfyUI and kohya's networks.lora,
+  so none of them warns (a bundled token is a "lora key not loaded" in ComfyUI, an "unmatched key" in Forge,
+  and Forge never reads it). With the embedding file it serves all four.
+- `a1111`: `<name>-a1111.safetensors`, the kohya file plus the embedding bundled as
+  `bundle_emb.<name>.string_to_param.*` (T, D): AUTOMATIC1111 alone needs no embedding file with it.
+The key conversion is diffusers' own `convert_state_dict_to_kohya`; only the alpha values, the SD1
+text-encoder prefix, the bundle and the metadata are written here. A model card (`README.md`) with the KID
+curve and the step's sample grid says which file goes where in each tool and what to type.
 """
 
 from __future__ import annotations
@@ -18,12 +25,17 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
-from dallm import lora, tokens
+from dallm import tokens
 from dallm.card import write_model_card
+from dallm.lora import LORA_WEIGHT_NAME
+from dallm.manifest import save_bytes_atomic, save_safetensors
+from dallm.trained import Trained, from_module
+from dallm.trigger import check_trigger_name, safe_name, save_run_embedding, trigger_prompt
 
-FORMATS = ("diffusers", "kohya")
+FORMATS = ("diffusers", "kohya", "a1111")
+DEFAULT_FORMATS = ["diffusers", "kohya"]
 KIDS = (
     "kid/val",
     "kid/val_std",
@@ -41,16 +53,27 @@ def check_formats(formats: list[str], flag: str = "--format") -> list[str]:
 
 
 def run_name(run_dir: str | Path) -> str:
-    """The name A1111/ComfyUI show for the LoRA: `<logger name>-v<k>` for lightning_logs/<name>/version_k."""
+    """The run's name, the trigger word and the files' stem: `<logger name>-v<k>` for lightning_logs/<name>/version_k.
+
+    Characters a tool's prompt syntax would take apart become `-` (see `dallm.trigger.safe_name`).
+    """
     run_dir = Path(run_dir).resolve()
     if run_dir.name.startswith("version_"):
-        return f"{run_dir.parent.name}-v{run_dir.name.removeprefix('version_')}"
-    return run_dir.name
+        return safe_name(f"{run_dir.parent.name}-v{run_dir.name.removeprefix('version_')}")
+    return safe_name(run_dir.name)
+
+
+def file_names(name: str) -> dict[str, str]:
+    """The files of an export named `name`, by role."""
+    return {"embedding": f"{name}.safetensors", "kohya": f"{name}-lora.safetensors",
+            "a1111": f"{name}-a1111.safetensors"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- kohya
-def kohya_state_dict(unet, text_encoder, alpha: float) -> dict[str, torch.Tensor]:
-    """kohya-format LoRA weights of the peft-carrying `unet` (and `text_encoder`, when trained), fp32.
+def kohya_state_dict(
+    unet: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor] | None, alpha: float
+) -> dict[str, torch.Tensor]:
+    """kohya-format LoRA weights from the peft state dicts of the UNet (and the text encoder, when trained).
 
     diffusers' converter writes alpha = rank (scale 1); the run's own alpha goes in instead, so that A1111's
     scale alpha/rank equals peft's. SD1 text-encoder keys are `lora_te_text_model_encoder_...` as A1111 and
@@ -58,15 +81,10 @@ def kohya_state_dict(unet, text_encoder, alpha: float) -> dict[str, torch.Tensor
     """
     from diffusers.utils import convert_state_dict_to_kohya
 
-    peft = {f"unet.{k}": v for k, v in lora.peft_state_dict(unet).items()}
-    if text_encoder is not None:
-        peft.update({f"text_encoder.{k}": v for k, v in lora.peft_state_dict(text_encoder).items()})
+    peft = {f"unet.{k}": v for k, v in unet.items()}
+    peft.update({f"text_encoder.{k}": v for k, v in (text_encoder or {}).items()})
     if any("lora_magnitude_vector" in k for k in peft):
-        # peft normalises DoRA per output row, A1111/LyCORIS per input column: no exact kohya form exists.
-        raise ValueError(
-            "--model.use_dora: the kohya format cannot hold peft's DoRA exactly (A1111 normalises the weight "
-            "per input channel, peft per output channel); export --format diffusers"
-        )
+        raise ValueError(DORA_MESSAGE)
     out = {}
     for key, value in convert_state_dict_to_kohya(peft).items():
         if key.startswith("lora_te1_"):
@@ -79,20 +97,31 @@ def kohya_state_dict(unet, text_encoder, alpha: float) -> dict[str, torch.Tensor
     return out
 
 
-def bundled_embeddings(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{token: (D,)} -> A1111's bundled form `bundle_emb.<token>.string_to_param.*`: (1, D) each."""
-    out = {}
-    for token, vector in embeddings.items():
-        if "." in token:  # A1111 splits the key on the first two dots
-            raise ValueError(f"--model.placeholder_tokens: {token!r} contains '.', which A1111 cannot bundle")
-        out[f"bundle_emb.{token}.string_to_param.*"] = vector.detach().float().reshape(1, -1).contiguous()
-    return out
+# peft normalises DoRA per output row, A1111/LyCORIS per input column: no exact kohya form exists.
+DORA_MESSAGE = (
+    "--model.use_dora: the kohya format cannot hold peft's DoRA exactly (A1111 normalises the weight "
+    "per input channel, peft per output channel); export --format diffusers"
+)
+
+
+def bundled_embedding(name: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The run's embedding (T, D) in A1111's bundled form, `bundle_emb.<name>.string_to_param.*`.
+
+    A1111 takes the name up to the key's next dot (so none in `name`) and registers the rows as an
+    embedding of that name, exactly as if `<name>.safetensors` were in its embeddings folder.
+    """
+    if "." in name:
+        raise ValueError(f"--name: {name!r} contains '.', which A1111 cannot bundle")
+    return {f"bundle_emb.{name}.string_to_param.*": rows.detach().float().contiguous()}
 
 
 def kohya_metadata(info: dict, run: dict, kid: dict) -> dict[str, str]:
-    """kohya sd-scripts' `ss_*` keys (those that apply), a few `modelspec.*` keys, and dallm's own."""
-    tokens_ = info["placeholder_tokens"]
-    trigger = " ".join(tokens_)  # A1111 matches each token on its own: space-separated, not "<s1><s2>"
+    """kohya sd-scripts' `ss_*` keys (those that apply), a few `modelspec.*` keys, and dallm's own.
+
+    `ss_instance_prompt` is the trigger prompt: A1111, Forge and kohya read `<name>` (the embedding file's
+    name) where the run wrote `<s1><s2>`.
+    """
+    word = info.get("trigger")
     meta = {
         "ss_sd_model_name": Path(str(info["base_model"])).name,
         "ss_base_model_version": "sd_v1",
@@ -113,11 +142,17 @@ def kohya_metadata(info: dict, run: dict, kid: dict) -> dict[str, str]:
         "ss_noise_offset": run.get("noise_offset"),
         "ss_output_name": run.get("name"),
         "ss_tag_frequency": json.dumps(
-            {"teacher": {info["instance_prompt"]: run.get("num_train_images") or 1}}
+            {"teacher": {info["trigger_prompt"]: run.get("num_train_images") or 1}}
         ),
-        "ss_training_comment": f"dallm LoRA + pivotal tokens; trigger words: {trigger}",
-        "ss_instance_prompt": info["instance_prompt"],
-        "ss_placeholder_tokens": json.dumps(tokens_),
+        "ss_training_comment": "dallm LoRA + pivotal tokens"
+        + (
+            f"; trigger word {word}: put {info['embedding_file']} in the embeddings folder "
+            f"(ComfyUI: embedding:{word})"
+            if word
+            else ""
+        ),  # fmt: skip
+        "ss_instance_prompt": info["trigger_prompt"],
+        "ss_placeholder_tokens": json.dumps(info["placeholder_tokens"]),
         "ss_kid_val": kid.get("kid/val"),
         "ss_kid_val_std": kid.get("kid/val_std"),
         "ss_kid_val_se": kid.get("kid/val_se"),
@@ -125,7 +160,7 @@ def kohya_metadata(info: dict, run: dict, kid: dict) -> dict[str, str]:
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": run.get("name"),
-        "modelspec.trigger_phrase": trigger,
+        "modelspec.trigger_phrase": word,
     }
     return {k: str(v) for k, v in meta.items() if v is not None}
 
@@ -137,8 +172,7 @@ def save_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     meta = dict(metadata)
     meta["sshs_model_hash"] = hashlib.sha256(blob[8 + header :]).hexdigest()
     meta["sshs_legacy_hash"] = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    return save_safetensors(tensors, path, meta)
 
 
 # ---------------------------------------------------------------------------------------------- all
@@ -148,53 +182,89 @@ def kid_at(history: list[dict], step: int) -> dict:
     return {k: row[k] for k in KIDS if k in row}
 
 
+# What `write_trained` adds to the module's export_info (dropped from a re-read dallm.json first).
+WRITTEN = {"global_step", "step", "resolution", *KIDS, "token_files", "diffusers_file", "embedding_file",
+           "kohya_file", "a1111_file", "trigger", "trigger_prompt", "run", "kid_history"}  # fmt: skip
+
+
+def write_trained(
+    trained: Trained,
+    out_dir: str | Path,
+    step: int,
+    formats: list[str] = DEFAULT_FORMATS,  # noqa: B006 (read-only)
+    run: dict | None = None,
+    history: list[dict] | None = None,
+    samples_png: str | Path | None = None,
+) -> Path:
+    """Write `trained` (the LoRA at `step`) in `formats`, the run's embedding and a model card into `out_dir`.
+
+    `run` holds the run's facts (name, dataset sizes, resolution, lr, ...; see `LoraExport.run_info`),
+    `history` the KID rounds so far, `samples_png` the step's sample grid. Both go into `dallm.json` too,
+    so an export directory can be exported again on its own.
+    """
+    formats = check_formats(formats)
+    run, history = dict(run or {}), list(history or [])
+    # a name from older run facts may hold characters a tool's prompt syntax takes apart: made safe here
+    # (`dallm export --name` is checked strictly before any work)
+    run["name"] = name = check_trigger_name(safe_name(run.get("name") or "dallm"), "--name")
+    names = file_names(name)
+    toks = list(trained.embeddings)
+    if toks and names["embedding"] in {tokens.token_file_name(t) for t in toks}:
+        raise ValueError(f"--name: {name!r} would give the embedding file the name of a token's file")
+    if trained.info.get("use_dora") and {"kohya", "a1111"} & set(formats):
+        raise ValueError(DORA_MESSAGE)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kid = kid_at(history, step)
+    info = {k: v for k, v in trained.info.items() if k not in WRITTEN}
+    info.update(
+        {"global_step": step, "step": step, "resolution": run.get("resolution"), **kid, "token_files": []}
+    )
+    meta = {"base_model": str(info["base_model"])}
+    if "diffusers" in formats:
+        save_bytes_atomic(trained.diffusers_lora, out_dir / LORA_WEIGHT_NAME)
+        info["diffusers_file"] = LORA_WEIGHT_NAME
+        paths = tokens.save_token_embeddings(out_dir, trained.embeddings, meta)
+        info["token_files"] = [p.name for p in paths]
+    if toks:
+        save_run_embedding(out_dir / names["embedding"], trained.embeddings, meta)
+        info.update(embedding_file=names["embedding"], trigger=name)
+    info["trigger_prompt"] = (
+        trigger_prompt(info["instance_prompt"], toks, name) if toks else info["instance_prompt"]
+    )
+    if {"kohya", "a1111"} & set(formats):
+        lora_tensors = kohya_state_dict(trained.unet, trained.text_encoder, info["alpha"])
+        for fmt in ("kohya", "a1111"):
+            if fmt in formats:
+                info[f"{fmt}_file"] = names[fmt]
+        metadata = kohya_metadata(info, run, kid)
+        if "kohya" in formats:
+            save_kohya(out_dir / names["kohya"], lora_tensors, metadata)
+        if "a1111" in formats:
+            rows = torch.stack(list(trained.embeddings.values())) if toks else None
+            bundle = bundled_embedding(name, rows) if rows is not None else {}
+            save_kohya(out_dir / names["a1111"], {**lora_tensors, **bundle}, metadata)
+    info.update(run=run, kid_history=history)
+    (out_dir / "dallm.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    write_model_card(out_dir, info, run, history, samples_png)
+    return out_dir
+
+
 def write_exports(
     module,
     out_dir: str | Path,
     step: int,
-    formats: list[str] = list(FORMATS),  # noqa: B006 (read-only)
+    formats: list[str] = DEFAULT_FORMATS,  # noqa: B006 (read-only)
     run: dict | None = None,
     history: list[dict] | None = None,
     samples_dir: str | Path | None = None,
 ) -> Path:
-    """Write the LoRA of `module` at `step` in `formats` plus a model card into `out_dir`.
+    """Write the LoRA of a DallmModule at `step` in `formats` plus a model card into `out_dir`.
 
-    `run` holds the run's facts (name, dataset sizes, resolution, lr, ...; see `LoraExport.run_info`),
-    `history` the KID rounds so far, `samples_dir` the run's `samples/` with the KID rounds' grids.
+    `samples_dir` is the run's `samples/` with the KID rounds' grids (`step=NNNNNN.png`).
     """
-    formats = check_formats(formats)
-    run, history = dict(run or {}), list(history or [])
-    run.setdefault("name", "dallm")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hp = module.hparams
-    kid = kid_at(history, step)
-    emb = module.token_embedding
-    embeddings = tokens.embeddings_by_token(emb, list(hp.placeholder_tokens)) if emb is not None else {}
-    if "diffusers" in formats:
-        module.export(out_dir)
-    elif embeddings:  # ComfyUI reads the tokens from these files, whatever the LoRA's format
-        tokens.save_token_embeddings(
-            out_dir, embeddings, {"base_model": str(hp.pretrained_model_name_or_path)}
-        )
-    info = {
-        **module.export_info(),
-        "global_step": step,
-        "step": step,
-        "resolution": run.get("resolution"),
-        **kid,
-    }
-    if "kohya" in formats:
-        tensors = kohya_state_dict(
-            module.unet, module.text_encoder if hp.train_text_encoder else None, info["alpha"]
-        )
-        tensors.update(bundled_embeddings(embeddings))
-        kohya_file = out_dir / f"{run['name']}.safetensors"
-        save_kohya(kohya_file, tensors, kohya_metadata(info, run, kid))
-        info["kohya_file"] = kohya_file.name
-    (out_dir / "dallm.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-    write_model_card(out_dir, info, run, history, samples_dir)
-    return out_dir
+    grid = Path(samples_dir) / f"step={step:06d}.png" if samples_dir else None
+    return write_trained(from_module(module), out_dir, step, formats, run, history, grid)
 
 
 def copy_export(src: Path, dst: Path) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from torch import nn
+
+from dallm.manifest import save_bytes_atomic
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -79,6 +82,32 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def diffusers_lora_bytes(unet: nn.Module, text_encoder: nn.Module | None) -> bytes:
+    """The bytes of `pytorch_lora_weights.safetensors` exactly as diffusers' `save_lora_weights` writes them.
+
+    The peft adapter configs go into the file's metadata, so rank and alpha survive the trip. Written into
+    a scratch directory and read back, so that the file itself is placed by `save_bytes_atomic` (atomic,
+    mode from the umask) instead of safetensors' 0600 `save_file`.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    kwargs = {}
+    if text_encoder is not None:
+        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(peft_state_dict(text_encoder))
+        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(peft_state_dict(unet)),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True,
+            **kwargs,
+        )
+        return (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+
+
 def save_diffusers_lora(
     out_dir: str | Path,
     unet: nn.Module,
@@ -87,25 +116,10 @@ def save_diffusers_lora(
 ) -> Path:
     """Write `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(out_dir)` loads.
 
-    The peft adapter configs go into the file's metadata, so rank and alpha survive the trip; `info`
-    (base model, tokens, step) goes next to it as `dallm.json`.
+    `info` (base model, tokens, step) goes next to it as `dallm.json`.
     """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = {}
-    if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(peft_state_dict(text_encoder))
-        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=out_dir,
-        unet_lora_layers=convert_state_dict_to_diffusers(peft_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        weight_name=LORA_WEIGHT_NAME,
-        safe_serialization=True,
-        **kwargs,
-    )
+    save_bytes_atomic(diffusers_lora_bytes(unet, text_encoder), out_dir / LORA_WEIGHT_NAME)
     (out_dir / "dallm.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     return out_dir / LORA_WEIGHT_NAME

@@ -120,7 +120,9 @@ def current_umask() -> int:
     return mask
 
 
-def save_bytes_atomic(data: bytes, path: str | Path, write: Callable[[BinaryIO, bytes], None] | None = None) -> str:
+def save_bytes_atomic(
+    data: bytes, path: str | Path, write: Callable[[BinaryIO, bytes], None] | None = None
+) -> str:
     """Write `data` to `path` via a temp file + `os.replace`; return the sha256 of the bytes.
 
     Readers therefore see either no file or the complete file, never a half-written one. A kill during
@@ -145,6 +147,18 @@ def save_bytes_atomic(data: bytes, path: str | Path, write: Callable[[BinaryIO, 
         raise
     _fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` as a safetensors file with `save_bytes_atomic`: atomic, and its mode follows the umask.
+
+    safetensors' own `save_file` leaves 0600 files, which a UI running as another user cannot read; every
+    safetensors file dallm writes goes through here instead.
+    """
+    from safetensors.torch import save
+
+    save_bytes_atomic(save(tensors, metadata), path)
+    return Path(path)
 
 
 def save_png_atomic(image: Image.Image, path: str | Path) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from dallm.trained import resolve_lora_dir
+
 SCHEDULERS = ("dpm++", "ddim", "model")
 
 
@@ -26,19 +28,6 @@ def parse_seeds(spec: str | int | list[int]) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         seeds.extend(range(lo, hi + 1))
     return seeds
-
-
-def resolve_lora_dir(path: str | Path) -> Path:
-    """A LoRA export dir, or a run dir (its `lora/best`, else `lora/last`)."""
-    path = Path(path)
-    if (path / "dallm.json").is_file():
-        return path
-    for name in ("best", "last"):
-        if (path / "lora" / name / "dallm.json").is_file():
-            return path / "lora" / name
-    raise FileNotFoundError(
-        f"--lora {path}: neither an export dir (with dallm.json) nor a run dir with lora/best|last"
-    )
 
 
 def make_scheduler(name: str, config):
@@ -67,24 +56,35 @@ def load_pipeline(base: str, lora_dir: Path | None, device: str):
         files = [str(lora_dir / f) for f in info.get("token_files", [])]
         if files:
             pipe.load_textual_inversion(files)
+        if info.get("trigger") and (lora_dir / info["embedding_file"]).is_file():
+            # the run's one-word trigger too, so prompts may say `... toy-v0` as in the other tools
+            pipe.load_textual_inversion(str(lora_dir / info["embedding_file"]), token=info["trigger"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def label_grid(rows: list[tuple[str, list]], columns: list[str]):
-    """A PIL grid: one labelled row per (label, images), one labelled column per seed."""
+    """A PIL grid: one labelled row per (label, images), one labelled column per seed.
+
+    A column is as wide as its widest label or its image, whichever is wider (images centred in it), so
+    labels never run into each other however small the images are.
+    """
     from PIL import Image, ImageDraw
 
     w, h = rows[0][1][0].size
-    left, top = 8 + 6 * max(len(label) for label, _ in rows), 14
-    grid = Image.new("RGB", (left + w * len(columns), top + h * len(rows)), "white")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = [int(draw.textlength(c)) for c in columns]
+    cell = max(w, max(text_w) + 6)  # 6 px apart at least
+    left = 8 + max(int(draw.textlength(label)) for label, _ in rows)
+    top = 14
+    grid = Image.new("RGB", (left + cell * len(columns), top + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for j, col in enumerate(columns):
-        draw.text((left + j * w + 2, 1), col, fill="black")
+        draw.text((left + j * cell + (cell - text_w[j]) // 2, 1), col, fill="black")
     for i, (label, images) in enumerate(rows):
         draw.text((2, top + i * h + h // 2 - 5), label, fill="black")
         for j, im in enumerate(images):
-            grid.paste(im, (left + j * w, top + i * h))
+            grid.paste(im, (left + j * cell + (cell - w) // 2, top + i * h))
     return grid
 
 

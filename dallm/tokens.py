@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from dallm.manifest import save_safetensors
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -134,27 +136,33 @@ def token_file_name(token: str) -> str:
 def save_token_embeddings(
     out_dir: str | Path, embeddings: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> list[Path]:
-    """Write one diffusers textual-inversion file per token: `{token: (D,)}`, the single-key format.
+    """Write one diffusers textual-inversion file per token: `{token: (1, D)}`, the single-key format.
 
     One file per token (not one (T, D) tensor under one name) because diffusers' `load_textual_inversion`
-    turns a multi-row embedding into `<s1>`, `<s1>_1`, ... and `<s2>` would not exist.
+    turns a multi-row embedding into `<s1>`, `<s1>_1`, ... and `<s2>` would not exist. (1, D) as diffusers'
+    own textual-inversion script writes it: kohya's `gen_img.py` counts the rows of the tensor as vectors,
+    so a 1-D (D,) file would become D one-number vectors there.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for token, vector in embeddings.items():
         path = out_dir / token_file_name(token)
-        save_file({token: vector}, str(path), metadata={**metadata, "token": token})
+        row = vector.detach().float().reshape(1, -1).contiguous()  # (1, D)
+        save_safetensors({token: row}, path, {**metadata, "token": token})
         paths.append(path)
     return paths
 
 
 def load_token_embeddings(paths: list[str | Path]) -> dict[str, torch.Tensor]:
-    """Read files written by `save_token_embeddings` back into {token: (D,)}."""
+    """Read files written by `save_token_embeddings` back into {token: (D,)} (older 1-D files too)."""
     out: dict[str, torch.Tensor] = {}
     for path in paths:
         state = load_file(str(path))
         if len(state) != 1:
             raise ValueError(f"{path}: expected one token embedding, found keys {list(state)}")
-        out.update(state)
+        ((token, vector),) = state.items()
+        if vector.dim() == 2 and vector.shape[0] != 1:
+            raise ValueError(f"{path}: expected one vector for {token!r}, found shape {tuple(vector.shape)}")
+        out[token] = vector.reshape(-1)
     return out

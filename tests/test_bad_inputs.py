@@ -393,6 +393,10 @@ CASES: dict[str, Case] = {
     "kid-corrupt-image": kid(lambda tmp: [*two_dirs(tmp, corrupt=True), "--feature", "toy"], "broken.png"),
     "kid-12000x12000-image-over-decode-limit": kid(lambda tmp: [*two_dirs(tmp, big=True), "--feature", "toy"], "huge.png"),
     "kid-unknown-feature": kid(lambda tmp: [*two_dirs(tmp), "--feature", "nonsense"], "nonsense"),
+    # --- dallm export
+    "export-name-not-a-trigger-word": (lambda tmp: ["export", str(tmp), "--name", "baroque"], "--name"),
+    "export-source-neither-checkpoint-nor-export": (lambda tmp: ["export", str(tmp)], "SOURCE"),
+    "export-format-unknown": (lambda tmp: ["export", str(tmp), "--format", "webui"], "--format"),
     # --- dallm teacher (its parser is being rewritten: behaviour, not wording)
     "teacher-folder-without-src": teacher(
         lambda tmp: ["--backend", "folder", "--out", str(tmp / "out")], "--src"

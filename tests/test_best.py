@@ -72,11 +72,12 @@ def test_best_follows_kid_and_survives_resume_export_and_sample(tmp_path, capsys
     ckpt = torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4
     same_export(run / "lora/best", run / "lora/step=000004")
-    assert "best: step 4 0.2" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "best: step 4 0.2" in summary
+    assert "trigger word: run-v0" in summary  # the end-of-run summary names the one trigger word
     # every export holds every format and a model card
-    assert {"pytorch_lora_weights.safetensors", "run-v0.safetensors", "README.md", "kid_curve.png"} <= {
-        p.name for p in (run / "lora/step=000003").iterdir()
-    }
+    assert {"pytorch_lora_weights.safetensors", "run-v0.safetensors", "run-v0-lora.safetensors", "README.md",
+            "kid_curve.png"} <= {p.name for p in (run / "lora/step=000003").iterdir()}  # fmt: skip
 
     # `dallm export` of an old checkpoint equals the export written at that step during training
     with pytest.raises(SystemExit) as exit_info:
@@ -160,7 +161,8 @@ def test_dora_and_noise_offset_train_and_their_export_loads_in_diffusers(tmp_pat
     magnitude = [p for n, p in module.named_parameters() if "lora_magnitude_vector" in n]
     assert magnitude and module.hparams.noise_offset == 0.1
     out = tmp_path / "logs/tiny/version_0/lora/last"
-    assert not list(out.glob("tiny-v0.safetensors"))  # no kohya file for DoRA, and no crash
+    assert not list(out.glob("tiny-v0-lora.safetensors"))  # no kohya file for DoRA, and no crash
+    assert (out / "tiny-v0.safetensors").is_file()  # the run's embedding is there
     sched = make_scheduler("ddim", module.noise_scheduler.config)
     ours = module.generate(PROMPT, [7], num_inference_steps=4, scheduler=sched, output_type="np")[0]
     pipe = pipeline(Path(module.hparams.pretrained_model_name_or_path).resolve())

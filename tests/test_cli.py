@@ -83,8 +83,9 @@ def test_fit_logs_checkpoints_and_exports(tmp_path):
         files = {p.name for p in (run / "lora" / step).iterdir()}
         assert {"pytorch_lora_weights.safetensors", "s1.safetensors", "s2.safetensors", "dallm.json"} <= files
     last = load_file(run / "lora" / "last" / "s1.safetensors")
+    assert last["<s1>"].shape[0] == 1  # (1, D), as diffusers writes a textual-inversion file
     assert torch.allclose(
-        last["<s1>"], next(v for k, v in ckpt["state_dict"].items() if k.endswith("new_embeddings"))[0]
+        last["<s1>"][0], next(v for k, v in ckpt["state_dict"].items() if k.endswith("new_embeddings"))[0]
     )
 
     # Class images were generated once into the prior dir, with a manifest line per image.

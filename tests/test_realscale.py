@@ -124,9 +124,14 @@ def test_paper_config_end_to_end_on_sd15_architecture(sd15_base, random_inceptio
     pipe.load_textual_inversion([str(out / "s1.safetensors"), str(out / "s2.safetensors")])
     assert pipe.tokenizer.tokenize("<s1><s2>") == ["<s1>", "<s2>"]
     row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<s1>")]
-    assert torch.equal(row, load_file(out / "s1.safetensors")["<s1>"].to(row.dtype))
+    assert load_file(out / "s1.safetensors")["<s1>"].shape == (1, 768)
+    assert torch.equal(row, load_file(out / "s1.safetensors")["<s1>"][0].to(row.dtype))
     new_rows = next(v for k, v in ckpt["state_dict"].items() if k.endswith("new_embeddings"))
     assert torch.equal(row, new_rows[0].to(row.dtype))
+    # the run's one trigger word at SD v1-5's width: both rows, in token order
+    emb = load_file(out / "sd15_baroque_cats-v0.safetensors")
+    assert list(emb) == ["emb_params"] and emb["emb_params"].shape == (2, 768)
+    assert torch.equal(emb["emb_params"], new_rows.float())
     image = pipe(PROMPT, num_inference_steps=1, height=64, width=64, output_type="pt").images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 

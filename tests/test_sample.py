@@ -48,7 +48,8 @@ def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["sample", "--lora", str(tmp_path / "run"), "--prompt", PROMPT, "--prompt", PLAIN, "--seeds", "0-2",
+        main(["sample", "--lora", str(tmp_path / "run"), "--prompt", PROMPT, "--prompt", PLAIN, "--prompt",
+              PROMPT.replace("<s1><s2>", "t-v0"), "--seeds", "0-2",
               "--steps", "4", "--lora_scale", "[1, 0]", "--compare", "--batch_size", "3", "--out", str(out)])  # fmt: skip
     assert exit_info.value.code == 0
     assert resolve_lora_dir(tmp_path / "run") == lora_dir
@@ -58,6 +59,8 @@ def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_
         # scale 0 switches the LoRA off: the base model's image for a prompt without the tokens
         assert np.abs(png(out / f"p1_scale0_seed{s}.png") - png(out / f"p1_base_seed{s}.png")).max() <= 1
         assert np.abs(png(out / f"p0_scale1_seed{s}.png") - png(out / f"p0_base_seed{s}.png")).max() > 10
+        # the run's one trigger word (the embedding file t-v0.safetensors) stands for <s1><s2>
+        assert np.array_equal(png(out / f"p2_scale1_seed{s}.png"), png(out / f"p0_scale1_seed{s}.png"))
     # --compare is the plain base pipeline
     pipe = pipeline(tiny_model_dir)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
@@ -66,7 +69,7 @@ def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_
     for s in range(3):
         assert np.abs(png(out / f"p1_base_seed{s}.png") - as_uint8(base[s])).max() <= 1
     grid = Image.open(out / "grid.png")
-    assert grid.height == 14 + 32 * 6 and grid.width > 32 * 3  # 2 prompts x (2 scales + base), 3 seeds
+    assert grid.height == 14 + 32 * 9 and grid.width > 32 * 3  # 3 prompts x (2 scales + base), 3 seeds
     assert json.loads((out / "samples.json").read_text())["step"] == 5
 
 
@@ -75,3 +78,19 @@ def test_sample_errors_name_the_flag(tmp_path, capsys):
         main(["sample", "--lora", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "dallm: error: --lora" in capsys.readouterr().err
+
+
+def test_grid_labels_stay_apart_at_small_image_sizes():
+    from PIL import ImageDraw
+
+    from dallm.sample import label_grid
+
+    tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+    columns = ["seed 101", "seed 102", "seed 103"]
+    grid = np.asarray(label_grid([("p0 scale 1", tiles), ("p0 base", tiles)], columns).convert("L"))
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(columns[0])  # one label, as drawn
+    assert width > 32  # the labels are wider than the images: side by side they would overlap
+    inked = np.flatnonzero((grid[:14] < 128).any(axis=0))  # columns with label ink in the top band
+    # three labels of this width drawn side by side without overlapping span at least 3 widths
+    assert inked.max() - inked.min() + 1 >= 3 * width
+    assert grid.shape[0] == 14 + 2 * 32
