@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from dallm import readouts
 from dallm.base import vae_roundtrip
 
 
@@ -89,15 +91,17 @@ class LoraExport(pl.Callback):
             if not getattr(self, "_dora_noted", False):
                 rank_zero_info("dallm: DoRA has no exact kohya form; exporting the diffusers format only")
                 self._dora_noted = True
-        out = write_exports(
-            pl_module,
-            root / f"step={step:06d}",
-            step,
-            formats,
-            self.run_info,
-            kid.history if kid is not None else [],
-            run / "samples",
-        )
+        looked_at = getattr(pl_module, "looked_at", contextlib.nullcontext)
+        with looked_at():
+            out = write_exports(
+                pl_module,
+                root / f"step={step:06d}",
+                step,
+                formats,
+                self.run_info,
+                kid.history if kid is not None else [],
+                run / "samples",
+            )
         copy_export(out, root / "last")
         return out
 
@@ -240,6 +244,7 @@ class KIDCallback(pl.Callback):
         batch_size: int = 10,
         seed: int | None = None,
         feature_batch_size: int = 32,
+        drift_prompts: list[str] = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table"],  # noqa: B006
     ) -> None:
         """
         Args:
@@ -258,6 +263,7 @@ class KIDCallback(pl.Callback):
             seed: first sampling seed; image i uses seed + i, the same at every round. Default: the run's
                 --seed_everything (0 outside the CLI).
             feature_batch_size: images per feature-extractor call.
+            drift_prompts: prompts the run never trains on, for `drift/other` (dallm.readouts); [] for none.
         """
         if every_n_steps < 0:
             raise ValueError(f"--kid.every_n_steps must be >= 0, got {every_n_steps}")
@@ -283,6 +289,8 @@ class KIDCallback(pl.Callback):
         self.batch_size = batch_size
         self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
+        self.drift_prompts = list(drift_prompts)
+        self._drift: tuple | None = None  # fixed (latent, timestep, noise) triples and the base's predictions
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None
         self._reference: dict[str, torch.Tensor] = {}
@@ -423,6 +431,18 @@ class KIDCallback(pl.Callback):
             out["kid/val_floor"] = self.kid(ref["val"], self.features(recon, pl_module.device)).kid_mean
         return out
 
+    def drift(self, trainer, pl_module) -> dict[str, float]:
+        """`drift/class` and `drift/other` (dallm.readouts.paired_drift) on the first class images' latents."""
+        dm = trainer.datamodule
+        class_prompt = dm.hparams.class_prompt
+        prompts = ([class_prompt] if class_prompt else []) + [p for p in self.drift_prompts if p != class_prompt]
+        paths = (dm.prior_paths or dm.val_teacher_paths)[: readouts.DRIFT_LATENTS]
+        if not prompts or not paths:
+            return {}
+        if self._drift is None:
+            self._drift = (readouts.encode_fixture(pl_module, paths, dm.hparams.resolution, self.seed), {})
+        return readouts.drift_metrics(readouts.paired_drift(pl_module, *self._drift, prompts), class_prompt)
+
     def kid(self, real: torch.Tensor, fake: torch.Tensor):
         from dallm.metrics import kid_from_features
 
@@ -438,7 +458,8 @@ class KIDCallback(pl.Callback):
             # Samples of a diverged model are noise or black; a KID of them would look plausible.
             rank_zero_info(f"dallm: step {step}: no KID round: {len(bad)} trainable tensors are non-finite")
             return
-        with own_rng(pl_module.device):
+        looked_at = getattr(pl_module, "looked_at", contextlib.nullcontext)  # the average, with --model.ema_decay
+        with own_rng(pl_module.device), looked_at():
             self._run_round(trainer, pl_module, step)
 
     def _run_round(self, trainer, pl_module, step: int) -> None:
@@ -461,6 +482,10 @@ class KIDCallback(pl.Callback):
                     notes.add(f"kid/{name}: {result.note}")
                 if self.feature.startswith("clip:"):
                     metrics[f"cmmd/{name}"] = cmmd_from_features(ref[name], fake)
+        toy = self._extractor.net if self.feature == "toy" else None  # its heads judge what the samples show
+        base_colours = readouts.colour_histogram(toy, ref["prior"]) if toy is not None and "prior" in ref else None
+        if toy is not None:
+            metrics.update(readouts.toy_shares(toy, fake, base_colours, "instance"))
         grid_rows = [images]
         class_prompt = trainer.datamodule.hparams.class_prompt
         if "prior" in ref and class_prompt:
@@ -471,7 +496,10 @@ class KIDCallback(pl.Callback):
                 metrics["kid/prior_se"] = prior.kid_se
             if self.feature.startswith("clip:"):
                 metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
+            if toy is not None:
+                metrics.update(readouts.toy_shares(toy, prior_fake, base_colours, "class"))
             grid_rows.append(prior_images)
+        metrics.update(self.drift(trainer, pl_module))
         if not self.history:
             metrics.update(self.reference_metrics(pl_module, ref, trainer))
         metrics["kid/round_seconds"] = time.perf_counter() - start

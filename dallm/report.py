@@ -305,12 +305,14 @@ def report(
     gif: bool = False,
     device: str = "cpu",
 ) -> int:
-    """Write a Markdown report (tables, curves as PNG, relative tests) of a `dallm sweep` directory.
+    """Write a Markdown report (tables, curves as PNG, relative tests) of a `dallm sweep` directory, or of one run.
 
         python -m dallm report lightning_logs/sweep_toy --out docs/sweep_toy.md
+        python -m dallm report lightning_logs/toy/version_0   # one run: its figure (dallm.figure)
 
     Args:
-        sweep_dir: the sweep's directory (SAVE_DIR/NAME of `dallm sweep`): one subdirectory per run.
+        sweep_dir: the sweep's directory (SAVE_DIR/NAME of `dallm sweep`): one subdirectory per run; or one
+            run's directory (with config.yaml and samples/): its figure and a table of its KID rounds.
         out: the Markdown file; PNGs go beside it (<stem>_<flag>_<n>.png). Default: SWEEP_DIR/report.md.
         tags: scalar tags plotted, one panel each.
         relative: run the relative KID test between the settings of each family (needs the runs'
@@ -321,6 +323,10 @@ def report(
     sweep_path = Path(sweep_dir)
     if not sweep_path.is_dir():
         raise ValueError(f"SWEEP_DIR {sweep_dir}: not a directory")
+    if (sweep_path / "config.yaml").is_file() and (sweep_path / "samples").is_dir():
+        from dallm.figure import run_report
+
+        return run_report(sweep_path, Path(out) if out else None)  # one run: its figure and rounds
     out_path = Path(out) if out else sweep_path / "report.md"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     runs = load_runs(sweep_path)
@@ -343,8 +349,8 @@ def report(
         lines += [f"Left out, not finished (failed, interrupted or running): {', '.join(unfinished)}.", ""]
     summary: dict[str, Any] = {"settings": {}, "relative": []}
     lines += [
-        "| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last |",
-        "|---|---|---|---|---|---|",
+        "| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last | readouts last |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in keys:
         s = summarize(stats[key]["curves"], "kid/val")
@@ -356,7 +362,8 @@ def report(
         start = s["start"]["mean"]
         lines.append(
             f"| {label(key)} | {n} | {fmt(s['start'], None, n)} | {fmt(s['best'], start, n)} ({s['best']['step']}) | "
-            f"{fmt(s['last'], start, n)} ({s['last']['step']}) | {fmt(p['last'], None, n) if p else '-'} |"
+            f"{fmt(s['last'], start, n)} ({s['last']['step']}) | {fmt(p['last'], None, n) if p else '-'} | "
+            f"{readout_cell(stats[key]['curves'])} |"
         )
     fams = families(keys)
     for i, (flag, fixed, members) in enumerate(fams):
@@ -378,6 +385,18 @@ def report(
     out_path.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"dallm report: wrote {out_path} ({len(fams)} plots)")
     return 0
+
+
+def readout_cell(curves: list[dict[str, dict[int, float]]]) -> str:
+    """The last toy readouts and drift of a setting (mean ± between-seed std), or '-' without them."""
+    from dallm.figure import READOUTS, last_readouts
+
+    names = {**READOUTS, "drift/class": "drift/class"}
+    cells = []
+    for tag, (mean, std) in last_readouts(curves).items():
+        scale, unit = (100, "%") if tag.startswith("toy/") else (1, "")
+        cells.append(f"{names[tag]} {scale * mean:.3g}{unit} ± {scale * std:.2g}{unit}")
+    return "; ".join(cells) or "-"
 
 
 def relative_section(fams: list, stats: dict, summary: dict, device: str) -> list[str]:

@@ -1,0 +1,148 @@
+"""Readouts a person would agree with; they judge a run and never enter its loss.
+
+- `toy/*`: what the toy feature net's own heads see in a KID round's samples, for the instance and the
+  class prompt: the share classified as the teacher's world, the share classified as circles (the toy
+  teacher's subject), and the total-variation distance of the colour head's histogram from that of the
+  base model's class images (0: the same mix of colours; 1: none in common).
+- `drift/*`: paired drift, which needs no sampling and works at any scale: the mean squared difference of
+  the trained model's noise prediction from the frozen base's (adapters off) at fixed (latent, timestep,
+  noise) triples, for the class prompt (`drift/class`) and for prompts the run never trains on
+  (`drift/other`, their mean). 0 while the LoRA is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+DRIFT_LATENTS = 8  # fixed triples per prompt: one batched UNet call each, negligible beside a KID round
+TEACHER_WORLD = (
+    1  # the toy net's world head: 0 the base's world, 1 the teacher's (scripts/make_toy_assets.py)
+)
+CIRCLE = 0  # index of "circle" in dallm.toy.world.SHAPES, the toy teacher's subject
+
+
+# ---------------------------------------------------------------------------------------- toy heads
+def head_classes(net, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Class index (N,) of each toy head for (N, D) L2-normalised toy features (the KID features)."""
+    logits = net.heads_of(features.to(next(net.parameters()).device))
+    return {name: value.argmax(1).cpu() for name, value in logits.items()}
+
+
+def histogram(classes: torch.Tensor, n: int) -> torch.Tensor:
+    """Share of each class among (N,) class indices: (n,) summing to 1."""
+    return torch.bincount(classes, minlength=n).double() / max(len(classes), 1)
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Total-variation distance of two histograms: half the L1 distance, in [0, 1]."""
+    return float(0.5 * (p - q).abs().sum())
+
+
+def toy_shares(
+    net, features: torch.Tensor, base_colours: torch.Tensor | None, prefix: str
+) -> dict[str, float]:
+    """`toy/<prefix>_teacher_world`, `toy/<prefix>_circle`, `toy/<prefix>_colour_tv` of (N, D) toy features.
+
+    `base_colours` is the colour histogram of the base model's class images (`colour_histogram`); without
+    it there is no colour distance.
+    """
+    classes = head_classes(net, features)
+    out = {
+        f"toy/{prefix}_teacher_world": float((classes["world"] == TEACHER_WORLD).double().mean()),
+        f"toy/{prefix}_circle": float((classes["shape"] == CIRCLE).double().mean()),
+    }
+    if base_colours is not None:
+        colours = histogram(classes["colour"], len(base_colours))
+        out[f"toy/{prefix}_colour_tv"] = total_variation(colours, base_colours)
+    return out
+
+
+def colour_histogram(net, features: torch.Tensor) -> torch.Tensor:
+    """The toy colour head's histogram over (N, D) toy features: (colours,)."""
+    return histogram(head_classes(net, features)["colour"], net.heads["colour"].out_features)
+
+
+# ---------------------------------------------------------------------------------------- drift
+def drift_fixture(
+    latents: torch.Tensor, num_train_timesteps: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed (latents, timesteps, noise) for paired drift: (K, C, h, w), (K,), (K, C, h, w).
+
+    The timesteps spread evenly over [0, T) so that early and late denoising both count; the noise comes
+    from its own generator (`seed`), never the run's.
+    """
+    k = latents.shape[0]
+    timesteps = torch.linspace(0, num_train_timesteps - 1, k + 2)[1:-1].round().long()  # (K,)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g, dtype=torch.float32).to(latents.dtype)
+    return latents, timesteps, noise
+
+
+@torch.no_grad()
+def encode_fixture(module, paths: Sequence, resolution: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """`drift_fixture` on the VAE latents (the posterior means: no sampling) of the images in `paths`."""
+    from dallm.metrics import images_to_tensor
+
+    pixels = images_to_tensor(list(paths), size=resolution).to(module.device, module.vae.dtype) * 2 - 1
+    # One image at a time, as the training cache encodes (a batched conv may sum in another order).
+    means = torch.cat([module.vae.encode(x[None]).latent_dist.mean for x in pixels])
+    latents = means * module.vae.config.scaling_factor  # (K, C, h, w)
+    return drift_fixture(latents, module.noise_scheduler.config.num_train_timesteps, seed)
+
+
+@torch.no_grad()
+def paired_drift(
+    module, fixture: tuple[torch.Tensor, ...], base: dict, prompts: Sequence[str]
+) -> dict[str, float]:
+    """Mean squared difference of `module`'s noise prediction from the base's for each prompt: {prompt: value}.
+
+    `base` caches the frozen base's predictions by prompt (filled on first use: the base never changes).
+    The UNet runs in eval mode (no LoRA dropout) and is put back as it was.
+    """
+    latents, timesteps, noise = (t.to(module.device) for t in fixture)
+    noisy = module.noise_scheduler.add_noise(latents, noise, timesteps)
+    was_training = module.training
+    module.eval()
+    try:
+        out = {}
+        for prompt in prompts:
+            hidden = module.encode_prompts([prompt] * len(latents), cache=False)  # (K, L, D)
+            pred = module.unet(noisy, timesteps, hidden).sample.float()
+            if prompt not in base:
+                with module.base_only():
+                    hidden = module.encode_prompts([prompt] * len(latents), cache=False)
+                    base[prompt] = module.unet(noisy, timesteps, hidden).sample.float()
+            out[prompt] = float((pred - base[prompt]).pow(2).mean())
+        return out
+    finally:
+        module.train(was_training)
+
+
+def drift_metrics(values: dict[str, float], class_prompt: str | None) -> dict[str, float]:
+    """`drift/class` (the class prompt's) and `drift/other` (the mean of the others') from paired_drift."""
+    out = {}
+    if class_prompt is not None and class_prompt in values:
+        out["drift/class"] = values[class_prompt]
+    others = [v for p, v in values.items() if p != class_prompt]
+    if others:
+        out["drift/other"] = sum(others) / len(others)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- summary
+def summary_line(entry: dict[str, float]) -> str | None:
+    """The end-of-run line of readouts from a KID round's entry, or None when it has none."""
+    parts = []
+    for prefix, name in (("instance", "instance"), ("class", "class")):
+        world = entry.get(f"toy/{prefix}_teacher_world")
+        if world is None:
+            continue
+        text = f"{name}: {100 * world:.0f}% teacher world, {100 * entry[f'toy/{prefix}_circle']:.0f}% circles"
+        tv = entry.get(f"toy/{prefix}_colour_tv")
+        parts.append(text + (f", colour TV {tv:.2f}" if tv is not None else ""))
+    for key in ("kid/prior", "drift/class", "drift/other"):
+        if key in entry:
+            parts.append(f"{key} {entry[key]:.4g}")
+    return "; ".join(parts) if parts else None
