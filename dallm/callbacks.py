@@ -441,7 +441,8 @@ class KIDCallback(pl.Callback):
             return {}
         if self._drift is None:
             self._drift = (readouts.encode_fixture(pl_module, paths, dm.hparams.resolution, self.seed), {})
-        return readouts.drift_metrics(readouts.paired_drift(pl_module, *self._drift, prompts), class_prompt)
+        plain, guided = readouts.paired_drift(pl_module, *self._drift, prompts, self.guidance_scale)
+        return readouts.drift_metrics(plain, guided, class_prompt)
 
     def kid(self, real: torch.Tensor, fake: torch.Tensor):
         from dallm.metrics import kid_from_features

@@ -100,7 +100,8 @@ def run_figure(run_dir: str | Path, out: str | Path, count: int = 8) -> Path:
     panels = [
         ("KID", [("kid/val", "held-out teacher"), ("kid/train", "training teacher"), ("kid/prior", "class vs base")], 1.0),
         ("toy readouts (%)", list(READOUTS.items()), 100.0),
-        ("paired drift (MSE of noise prediction vs base)", [("drift/class", "class prompt"), ("drift/other", "unseen prompts")], 1.0),
+        ("paired drift vs the base (MSE of noise prediction; log)", [("drift/class", "class"), ("drift/other", "unseen prompts"),
+         ("drift/class_guided", "class, guided"), ("drift/other_guided", "unseen, guided")], 1.0),
     ]  # fmt: skip
     for i, (title, tags, scale) in enumerate(panels):
         axis = fig.add_subplot(grid[i, 1])
@@ -115,6 +116,8 @@ def run_figure(run_dir: str | Path, out: str | Path, count: int = 8) -> Path:
             if se and all(s in se for s in steps):
                 err = np.array([se[s] for s in steps]) * scale
                 axis.fill_between(steps, values - err, values + err, alpha=0.15, color=line.get_color())
+        if "log" in title and axis.lines:
+            axis.set_yscale("symlog", linthresh=1e-3)
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=7)
         axis.grid(alpha=0.3)
@@ -129,7 +132,7 @@ def run_figure(run_dir: str | Path, out: str | Path, count: int = 8) -> Path:
 
 def readout_table(scalars: dict[str, dict[int, float]]) -> list[str]:
     """Markdown rows: one per KID round, kid/val with its SE, the toy readouts and the drift."""
-    tags = ["kid/val", "kid/prior", *READOUTS, "drift/class", "drift/other"]
+    tags = ["kid/val", "kid/prior", *READOUTS, "drift/class", "drift/class_guided", "drift/other"]
     tags = [t for t in tags if scalars.get(t)]
     lines = ["| step | " + " | ".join(tags) + " |", "|---" * (len(tags) + 1) + "|"]
     for step in sorted(scalars.get("kid/val", {})):
@@ -167,7 +170,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> int:
 def last_readouts(curves: list[dict[str, dict[int, float]]]) -> dict[str, Any]:
     """Mean and between-seed std of each readout's last value over a setting's runs (the sweep report)."""
     out = {}
-    for tag in [*READOUTS, "drift/class"]:
+    for tag in [*READOUTS, "drift/class", "drift/class_guided"]:
         values = [c[tag][max(c[tag])] for c in curves if c.get(tag)]
         if values:
             out[tag] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)

@@ -7,7 +7,8 @@
 - `drift/*`: paired drift, which needs no sampling and works at any scale: the mean squared difference of
   the trained model's noise prediction from the frozen base's (adapters off) at fixed (latent, timestep,
   noise) triples, for the class prompt (`drift/class`) and for prompts the run never trains on
-  (`drift/other`, their mean). 0 while the LoRA is the identity.
+  (`drift/other`, their mean); `drift/*_guided` the same for the classifier-free-guided prediction at the
+  sampling scale, which is what the samples follow. 0 while the LoRA is the identity.
 """
 
 from __future__ import annotations
@@ -94,40 +95,55 @@ def encode_fixture(module, paths: Sequence, resolution: int, seed: int) -> tuple
 
 @torch.no_grad()
 def paired_drift(
-    module, fixture: tuple[torch.Tensor, ...], base: dict, prompts: Sequence[str]
-) -> dict[str, float]:
-    """Mean squared difference of `module`'s noise prediction from the base's for each prompt: {prompt: value}.
+    module, fixture: tuple[torch.Tensor, ...], base: dict, prompts: Sequence[str], guidance: float = 1.0
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Paired drift of each prompt: ({prompt: plain}, {prompt: guided}).
 
-    `base` caches the frozen base's predictions by prompt (filled on first use: the base never changes).
-    The UNet runs in eval mode (no LoRA dropout) and is put back as it was.
+    Plain: the mean squared difference of `module`'s noise prediction from the base's. Guided: the same for
+    the classifier-free-guided prediction e(∅) + w (e(p) - e(∅)) the sampler uses at `guidance` w, each
+    model with its own e(∅) ({} when w is 1): the plain drift of a prompt says little when the empty
+    prompt moves with it, guidance multiplies their difference. `base` caches the frozen base's
+    predictions by prompt (the base never changes). The UNet runs in eval mode (no LoRA dropout) and is
+    put back as it was.
     """
     latents, timesteps, noise = (t.to(module.device) for t in fixture)
     noisy = module.noise_scheduler.add_noise(latents, noise, timesteps)
+    asked = list(dict.fromkeys([*prompts, *([""] if guidance != 1.0 else [])]))
     was_training = module.training
     module.eval()
     try:
-        out = {}
-        for prompt in prompts:
+        pred = {}
+        for prompt in asked:
             hidden = module.encode_prompts([prompt] * len(latents), cache=False)  # (K, L, D)
-            pred = module.unet(noisy, timesteps, hidden).sample.float()
+            pred[prompt] = module.unet(noisy, timesteps, hidden).sample.float()
             if prompt not in base:
                 with module.base_only():
                     hidden = module.encode_prompts([prompt] * len(latents), cache=False)
                     base[prompt] = module.unet(noisy, timesteps, hidden).sample.float()
-            out[prompt] = float((pred - base[prompt]).pow(2).mean())
-        return out
     finally:
         module.train(was_training)
+    plain = {p: float((pred[p] - base[p]).pow(2).mean()) for p in prompts}
+    guided = {}
+    if guidance != 1.0:
+        for p in prompts:
+            g_model = pred[""] + guidance * (pred[p] - pred[""])
+            g_base = base[""] + guidance * (base[p] - base[""])
+            guided[p] = float((g_model - g_base).pow(2).mean())
+    return plain, guided
 
 
-def drift_metrics(values: dict[str, float], class_prompt: str | None) -> dict[str, float]:
-    """`drift/class` (the class prompt's) and `drift/other` (the mean of the others') from paired_drift."""
+def drift_metrics(
+    plain: dict[str, float], guided: dict[str, float], class_prompt: str | None
+) -> dict[str, float]:
+    """`drift/class`, `drift/other` (the mean over the other prompts) and, from the guided drift,
+    `drift/class_guided` and `drift/other_guided`."""
     out = {}
-    if class_prompt is not None and class_prompt in values:
-        out["drift/class"] = values[class_prompt]
-    others = [v for p, v in values.items() if p != class_prompt]
-    if others:
-        out["drift/other"] = sum(others) / len(others)
+    for suffix, values in (("", plain), ("_guided", guided)):
+        if class_prompt is not None and class_prompt in values:
+            out[f"drift/class{suffix}"] = values[class_prompt]
+        others = [v for p, v in values.items() if p != class_prompt]
+        if others:
+            out[f"drift/other{suffix}"] = sum(others) / len(others)
     return out
 
 
@@ -142,7 +158,7 @@ def summary_line(entry: dict[str, float]) -> str | None:
         text = f"{name}: {100 * world:.0f}% teacher world, {100 * entry[f'toy/{prefix}_circle']:.0f}% circles"
         tv = entry.get(f"toy/{prefix}_colour_tv")
         parts.append(text + (f", colour TV {tv:.2f}" if tv is not None else ""))
-    for key in ("kid/prior", "drift/class", "drift/other"):
+    for key in ("kid/prior", "drift/class", "drift/class_guided", "drift/other"):
         if key in entry:
             parts.append(f"{key} {entry[key]:.4g}")
     return "; ".join(parts) if parts else None

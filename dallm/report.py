@@ -391,7 +391,7 @@ def readout_cell(curves: list[dict[str, dict[int, float]]]) -> str:
     """The last toy readouts and drift of a setting (mean ± between-seed std), or '-' without them."""
     from dallm.figure import READOUTS, last_readouts
 
-    names = {**READOUTS, "drift/class": "drift/class"}
+    names = {**READOUTS, "drift/class": "drift/class", "drift/class_guided": "drift/class_guided"}
     cells = []
     for tag, (mean, std) in last_readouts(curves).items():
         scale, unit = (100, "%") if tag.startswith("toy/") else (1, "")

@@ -107,19 +107,38 @@ def test_drift_is_zero_for_a_zero_lora_and_grows_with_it(tiny_model_dir):
     timesteps = fixture[1]
     assert timesteps.tolist() == sorted(set(timesteps.tolist())) and 0 < timesteps[0] < timesteps[-1] < 1000
     prompts = [CLASS, "a photo of a dog"]
-    zero = readouts.paired_drift(module, fixture, base, prompts)
-    assert zero == {CLASS: 0.0, "a photo of a dog": 0.0}
-    assert set(base) == set(prompts) and module.training  # the base's predictions cached; mode put back
+    zero, zero_guided = readouts.paired_drift(module, fixture, base, prompts, guidance=5.0)
+    assert zero == zero_guided == {CLASS: 0.0, "a photo of a dog": 0.0}
+    assert set(base) == {*prompts, ""} and module.training  # the base's predictions cached; mode put back
     bump_lora(module)
-    moved = readouts.paired_drift(module, fixture, base, prompts)
+    moved, guided = readouts.paired_drift(module, fixture, base, prompts, guidance=5.0)
     assert all(v > 1e-8 for v in moved.values()), moved
-    assert readouts.drift_metrics(moved, CLASS) == {
+    assert readouts.drift_metrics(moved, guided, CLASS) == {
         "drift/class": moved[CLASS],
         "drift/other": moved["a photo of a dog"],
+        "drift/class_guided": guided[CLASS],
+        "drift/other_guided": guided["a photo of a dog"],
     }
-    # The cache changes nothing: a fresh one gives the same numbers.
-    assert readouts.paired_drift(module, fixture, {}, prompts) == moved
+    # At guidance 1 the guided drift is the plain one, and none is reported; the cache changes nothing.
+    assert readouts.paired_drift(module, fixture, {}, prompts) == (moved, {})
     assert module._text_cache == {}  # readouts never fill the training's prompt cache
+
+
+def test_guided_drift_counts_a_prompt_and_the_empty_prompt_moving_apart(tiny_model_dir):
+    """Moving the class and the empty prompt's predictions together changes the guided drift far less than
+    the same plain drift in the class prompt alone (guidance multiplies their difference by w)."""
+    module = make_module(tiny_model_dir)
+    fixture = fixture_for(module)
+    shift = 0.01 * torch.randn(fixture[0].shape, generator=torch.Generator().manual_seed(3))
+    base = {}
+    readouts.paired_drift(module, fixture, base, [CLASS], guidance=5.0)  # fills the base's predictions
+    both = {CLASS: base[CLASS] - shift, "": base[""] - shift}  # the model = base + shift for both prompts
+    alone = {CLASS: base[CLASS] - shift, "": base[""]}  # only the class prompt moved
+    plain_both, guided_both = readouts.paired_drift(module, fixture, both, [CLASS], guidance=5.0)
+    plain_alone, guided_alone = readouts.paired_drift(module, fixture, alone, [CLASS], guidance=5.0)
+    assert plain_both == pytest.approx(plain_alone)
+    assert guided_both[CLASS] == pytest.approx(plain_both[CLASS], rel=1e-4)  # w e + (1 - w) e = e
+    assert guided_alone[CLASS] == pytest.approx(25 * plain_alone[CLASS], rel=1e-4)  # w² times
 
 
 def hold_module(tiny_model_dir, **kw):
@@ -141,7 +160,7 @@ def test_hold_term_is_zero_for_a_zero_lora(tiny_model_dir):
 
 def class_gap(module) -> float:
     """Mean squared distance of the class prompt's prediction from the frozen base's."""
-    return readouts.paired_drift(module, fixture_for(module), {}, [CLASS])[CLASS]
+    return readouts.paired_drift(module, fixture_for(module), {}, [CLASS])[0][CLASS]
 
 
 def train(module, steps: int) -> None:
