@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dallm import readouts
 from dallm.base import vae_roundtrip
+from dallm.ema import looked_at
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -91,8 +91,7 @@ class LoraExport(pl.Callback):
             if not getattr(self, "_dora_noted", False):
                 rank_zero_info("dallm: DoRA has no exact kohya form; exporting the diffusers format only")
                 self._dora_noted = True
-        looked_at = getattr(pl_module, "looked_at", contextlib.nullcontext)
-        with looked_at():
+        with looked_at(pl_module):  # the weight average, with --model.ema_decay
             out = write_exports(
                 pl_module,
                 root / f"step={step:06d}",
@@ -289,8 +288,7 @@ class KIDCallback(pl.Callback):
         self.batch_size = batch_size
         self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
-        self.drift_prompts = list(drift_prompts)
-        self._drift: tuple | None = None  # fixed (latent, timestep, noise) triples and the base's predictions
+        self.readouts = readouts.RoundReadouts(drift_prompts)  # toy/* and drift/*
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None
         self._reference: dict[str, torch.Tensor] = {}
@@ -374,22 +372,14 @@ class KIDCallback(pl.Callback):
                 self._reference[name] = feats.float().cpu()
         return self._reference
 
-    def sample_scheduler(self, pl_module):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-        config = pl_module.noise_scheduler.config
-        if self.scheduler == "dpm++":
-            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-        if self.scheduler == "ddim":
-            return DDIMScheduler.from_config(config)
-        return None
-
     def samples(self, trainer, pl_module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed-seed samples for `prompt` and their features: ((N, 3, H, W) in [0, 1], (N, D)), on CPU.
 
         Under DDP each rank generates and embeds its share of the seeds; images and features are then
         gathered, so every rank holds the same full set in seed order.
         """
+        from dallm.base import make_scheduler  # the sampler `dallm sample` builds from the same name
+
         world, rank = trainer.world_size, trainer.global_rank
         res = trainer.datamodule.hparams.resolution
         seeds = list(range(self.seed, self.seed + self.num_samples))
@@ -402,7 +392,7 @@ class KIDCallback(pl.Callback):
                 num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale,
                 resolution=res,
-                scheduler=self.sample_scheduler(pl_module),
+                scheduler=make_scheduler(self.scheduler, pl_module.noise_scheduler.config),
                 output_type="pt",
             )
             # uint8, as the images would be saved: the features see what a PNG would hold.
@@ -431,19 +421,6 @@ class KIDCallback(pl.Callback):
             out["kid/val_floor"] = self.kid(ref["val"], self.features(recon, pl_module.device)).kid_mean
         return out
 
-    def drift(self, trainer, pl_module) -> dict[str, float]:
-        """`drift/class` and `drift/other` (dallm.readouts.paired_drift) on the first class images' latents."""
-        dm = trainer.datamodule
-        class_prompt = dm.hparams.class_prompt
-        prompts = ([class_prompt] if class_prompt else []) + [p for p in self.drift_prompts if p != class_prompt]
-        paths = (dm.prior_paths or dm.val_teacher_paths)[: readouts.DRIFT_LATENTS]
-        if not prompts or not paths:
-            return {}
-        if self._drift is None:
-            self._drift = (readouts.encode_fixture(pl_module, paths, dm.hparams.resolution, self.seed), {})
-        plain, guided = readouts.paired_drift(pl_module, *self._drift, prompts, self.guidance_scale)
-        return readouts.drift_metrics(plain, guided, class_prompt)
-
     def kid(self, real: torch.Tensor, fake: torch.Tensor):
         from dallm.metrics import kid_from_features
 
@@ -459,8 +436,7 @@ class KIDCallback(pl.Callback):
             # Samples of a diverged model are noise or black; a KID of them would look plausible.
             rank_zero_info(f"dallm: step {step}: no KID round: {len(bad)} trainable tensors are non-finite")
             return
-        looked_at = getattr(pl_module, "looked_at", contextlib.nullcontext)  # the average, with --model.ema_decay
-        with own_rng(pl_module.device), looked_at():
+        with own_rng(pl_module.device), looked_at(pl_module):  # the weight average, with --model.ema_decay
             self._run_round(trainer, pl_module, step)
 
     def _run_round(self, trainer, pl_module, step: int) -> None:
@@ -483,11 +459,7 @@ class KIDCallback(pl.Callback):
                     notes.add(f"kid/{name}: {result.note}")
                 if self.feature.startswith("clip:"):
                     metrics[f"cmmd/{name}"] = cmmd_from_features(ref[name], fake)
-        toy = self._extractor.net if self.feature == "toy" else None  # its heads judge what the samples show
-        base_colours = readouts.colour_histogram(toy, ref["prior"]) if toy is not None and "prior" in ref else None
-        if toy is not None:
-            metrics.update(readouts.toy_shares(toy, fake, base_colours, "instance"))
-        grid_rows = [images]
+        grid_rows, shown = [images], {"instance": fake}
         class_prompt = trainer.datamodule.hparams.class_prompt
         if "prior" in ref and class_prompt:
             prior_images, prior_fake = self.samples(trainer, pl_module, class_prompt)
@@ -497,10 +469,9 @@ class KIDCallback(pl.Callback):
                 metrics["kid/prior_se"] = prior.kid_se
             if self.feature.startswith("clip:"):
                 metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
-            if toy is not None:
-                metrics.update(readouts.toy_shares(toy, prior_fake, base_colours, "class"))
             grid_rows.append(prior_images)
-        metrics.update(self.drift(trainer, pl_module))
+            shown["class"] = prior_fake
+        metrics.update(self.readouts(trainer, pl_module, self, ref, shown))
         if not self.history:
             metrics.update(self.reference_metrics(pl_module, ref, trainer))
         metrics["kid/round_seconds"] = time.perf_counter() - start

@@ -7,7 +7,7 @@ looking never changes what trains, and the average is checkpointed, so a resume 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -49,3 +49,10 @@ class WeightAverage:
             raise ValueError("--ckpt_path: the checkpoint's weight average does not match this model's LoRA")
         for name, t in state.items():
             self.average[name].copy_(t)
+
+
+def looked_at(module):
+    """The weights to sample, measure and export inside: `module`'s average when it keeps one
+    (--model.ema_decay > 0), else its own weights as they are."""
+    average = getattr(module, "ema", None)
+    return average.swapped() if average is not None else nullcontext()

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from dallm import diffusion, lora, tokens
-from dallm.cache import LatentCache, encode_each, vae_identity
+from dallm import diffusion, lora, step, tokens
+from dallm.cache import LatentCache, vae_identity
 from dallm.errors import DallmError
 from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
-from dallm.objective import HOLD_LATENTS, RowPlan, guided_target, held_losses, hold_index
+from dallm.objective import check_hold_arguments
 
 
 class DivergedError(DallmError, FloatingPointError):
@@ -160,31 +158,10 @@ class DallmModule(pl.LightningModule):
             raise ValueError(f"--model.prior_loss_weight must be >= 0, got {prior_loss_weight}")
         if uncond_loss_weight < 0:
             raise ValueError(f"--model.uncond_loss_weight must be >= 0, got {uncond_loss_weight}")
-        if hold_weight < 0:
-            raise ValueError(f"--model.hold_weight must be >= 0, got {hold_weight}")
-        if hold_latents not in HOLD_LATENTS:
-            raise ValueError(f"--model.hold_latents must be one of {', '.join(HOLD_LATENTS)}, got {hold_latents!r}")
-        if uncond_latents not in HOLD_LATENTS:
-            raise ValueError(
-                f"--model.uncond_latents must be one of {', '.join(HOLD_LATENTS)}, got {uncond_latents!r}"
-            )
-        if hold_weight > 0 and not class_prompt and not hold_prompts:
-            raise ValueError(
-                "--model.hold_weight needs a prompt to hold: set --data.class_prompt or --model.hold_prompts"
-            )
-        held_tokens = [p for p in hold_prompts if any(t in p for t in placeholder_tokens)]
-        if held_tokens:
-            raise ValueError(f"--model.hold_prompts must not contain placeholder tokens: {held_tokens[0]!r}")
-        if instance_guidance_anchor not in ("empty", "class"):
-            raise ValueError(
-                f"--model.instance_guidance_anchor must be empty or class, got {instance_guidance_anchor!r}"
-            )
-        if instance_guidance_anchor == "class" and instance_guidance_scale != 1 and not class_prompt:
-            raise ValueError("--model.instance_guidance_anchor class needs --data.class_prompt")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"--model.ema_decay must be in [0, 1), got {ema_decay}")
-        if instance_guidance_scale < 1:
-            raise ValueError(f"--model.instance_guidance_scale must be >= 1, got {instance_guidance_scale}")
+        check_hold_arguments(
+            hold_weight, hold_prompts, hold_latents, uncond_latents, class_prompt, placeholder_tokens,
+            instance_guidance_scale, instance_guidance_anchor, ema_decay,
+        )  # fmt: skip
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"--model.snr_gamma must be > 0, got {snr_gamma}")
         if noise_offset < 0:
@@ -364,106 +341,11 @@ class DallmModule(pl.LightningModule):
             for part in parts:
                 set_adapter_layers(part, enabled=True)
 
-    def held_prompts(self) -> list[str]:
-        """Prompts the base-prediction term holds: the class prompt, then --model.hold_prompts."""
-        hp = self.hparams
-        if not hp.get("hold_weight", 0.0):
-            return []
-        class_prompt = [hp.class_prompt] if hp.get("class_prompt") else []
-        return list(dict.fromkeys(class_prompt + list(hp.hold_prompts)))
-
     def step_losses(
         self, batch: dict, generator: torch.Generator | list[torch.Generator], uncond: bool, plain: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Per-sample losses of one step, each (rows,), the same min-SNR weighting for all:
-
-        - "diffusion" (N,): each sample's denoising loss (through guidance for the instance samples when
-          --model.instance_guidance_scale > 1);
-        - "uncond" (N,), with `uncond`: the model's empty-prompt prediction vs the frozen base's;
-        - "hold" (held prompts x latents,), with --model.hold_weight: the held prompts' predictions vs the
-          frozen base's (dallm.objective).
-
-        All are 0 while the LoRA is the identity, except "diffusion". The student's rows go through the
-        UNet in one batched call, the base's in one no-grad call with the adapters off. `plain`: the
-        diffusion loss alone, as the validation loss measures it (no held prompts, no guidance).
-        """
-        hp = self.hparams
-        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)  # (N, 3, H, W)
-        with torch.no_grad():
-            encode = lambda x: self.vae.encode(x).latent_dist.parameters  # noqa: E731
-            if self.latent_cache is not None and "keys" in batch:
-                params = self.latent_cache.latent_params(batch["keys"], pixels, encode)
-            else:
-                params = encode_each(encode, pixels)  # as the cache does: the same latents either way
-            dist = DiagonalGaussianDistribution(params.to(self.vae.dtype))  # (N, 2C, h, w)
-            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor  # (N, 4, H/8, W/8)
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = diffusion.sample_timesteps(
-            latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, latents.device
-        )
-        if hp.noise_offset > 0:
-            # Drawn after the timesteps, so runs without an offset keep their noise and timesteps.
-            offset = randn_tensor(
-                (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-            )  # (N, 4, 1, 1)
-            noise = noise + hp.noise_offset * offset
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        n = latents.shape[0]
-        everything = list(range(n))
-        is_prior = batch.get("is_prior", torch.zeros(n, dtype=torch.bool)).bool().cpu()
-        instance = [i for i in everything if not is_prior[i]]
-        guidance = 1.0 if plain else float(hp.get("instance_guidance_scale", 1.0))
-        held = [] if plain else self.held_prompts()
-        student, base = RowPlan(), RowPlan()
-        # The batch's own prompts first; a class image's row only when its loss counts (prior weight > 0).
-        main = everything if plain or hp.prior_loss_weight > 0 else instance
-        student.add(main, [batch["prompts"][i] for i in main])
-        uncond_at = hold_index(is_prior, hp.get("uncond_latents", "all")) if uncond else []
-        uncond = bool(uncond_at)
-        if uncond:
-            student.add(uncond_at, "")
-            base.add(uncond_at, "")
-        hold_at = hold_index(is_prior, hp.get("hold_latents", "all")) if held else []
-        held = held if hold_at else []
-        for prompt in held:  # a class image's class-prompt row is its own row: no extra student pass
-            student.add(hold_at, prompt)
-            base.add(hold_at, prompt)
-        anchor = "" if hp.get("instance_guidance_anchor", "empty") == "empty" else hp.class_prompt
-        if guidance != 1.0:
-            base.add(instance, anchor)
-
-        def predict(plan: RowPlan) -> torch.Tensor:
-            idx = plan.latents.to(self.device)
-            return self.unet(noisy[idx], timesteps[idx], self.encode_prompts(plan.prompts)).sample
-
-        # One batched pass of the student: the same cost as separate ones on a CPU, fewer launches on a GPU.
-        pred_s = predict(student)
-        pred_b = None
-        if len(base):
-            with torch.no_grad(), self.base_only():
-                pred_b = predict(base)
-        target = diffusion.training_target(self.noise_scheduler, latents, noise, timesteps)
-        if guidance != 1.0 and instance:
-            at = torch.tensor(instance, device=target.device)
-            target = target.clone()
-            target[at] = guided_target(target[at], pred_b[base.rows(instance, anchor).to(pred_b.device)], guidance)
-        out = {"diffusion": target.new_zeros(n, dtype=torch.float32)}  # a skipped class image's loss: 0
-        out["diffusion"][main] = diffusion.per_sample_mse(pred_s[: len(main)], target[main])
-        weights = None
-        if hp.snr_gamma is not None:
-            weights = diffusion.min_snr_weights(self.noise_scheduler, timesteps, hp.snr_gamma)  # (N,)
-            out["diffusion"] = out["diffusion"] * weights
-        if uncond:
-            out["uncond"] = held_losses(pred_s, pred_b, student, base, uncond_at, "")
-            if weights is not None:
-                out["uncond"] = out["uncond"] * weights[torch.tensor(uncond_at, device=weights.device)]
-        if held:
-            rows = [held_losses(pred_s, pred_b, student, base, hold_at, p) for p in held]
-            hold = torch.cat(rows)  # (prompts x latents,)
-            if weights is not None:
-                hold = hold * weights[torch.tensor(hold_at, device=weights.device)].repeat(len(held))
-            out["hold"] = hold
-        return out
+        """Per-sample losses of one step ("diffusion", and "uncond" / "hold" when on): dallm.step."""
+        return step.step_losses(self, batch, generator, uncond, plain)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
@@ -472,13 +354,12 @@ class DallmModule(pl.LightningModule):
         if self.hparams.lora_dropout > 0:
             torch.manual_seed(generator.initial_seed())  # dropout draws from the global RNG
         uncond_weight = self.hparams.uncond_loss_weight
-        hold_weight = self.hparams.get("hold_weight", 0.0)
         terms = self.step_losses(batch, generator, uncond=uncond_weight > 0)
         loss, loss_instance, loss_prior = diffusion.instance_prior_loss(
             terms["diffusion"], batch["is_prior"].to(self.device), self.hparams.prior_loss_weight
         )
         parts = [("instance", loss_instance), ("prior", loss_prior)]
-        for name, weight in (("uncond", uncond_weight), ("hold", hold_weight)):
+        for name, weight in (("uncond", uncond_weight), ("hold", self.hparams.get("hold_weight", 0.0))):
             if name in terms:
                 value = terms[name].mean()
                 loss = loss + weight * value
@@ -508,12 +389,6 @@ class DallmModule(pl.LightningModule):
         self.check_finite(f"after optimizer step {self.global_step + 1} (step {self.global_step} was finite)")
         if self.ema is not None:
             self.ema.update()
-
-    def looked_at(self):
-        """The weights to sample, measure and export inside: the moving average when --model.ema_decay > 0."""
-        from contextlib import nullcontext
-
-        return self.ema.swapped() if self.ema is not None else nullcontext()
 
     def nonfinite_parameters(self) -> list[str]:
         """Names of trainable parameters holding NaN or inf (one fused check per step when all are finite)."""

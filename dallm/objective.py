@@ -84,3 +84,42 @@ def held_losses(
 ) -> torch.Tensor:
     """Per-latent squared distance of the student's prediction for `prompt` from the base's: (len(index),)."""
     return per_sample_mse(student[s_plan.rows(index, prompt)], base[b_plan.rows(index, prompt)])
+
+
+def check_hold_arguments(
+    hold_weight: float,
+    hold_prompts: Sequence[str],
+    hold_latents: str,
+    uncond_latents: str,
+    class_prompt: str | None,
+    placeholder_tokens: Sequence[str],
+    instance_guidance_scale: float,
+    instance_guidance_anchor: str,
+    ema_decay: float,
+) -> None:
+    """Raise ValueError naming the --model.* flag when the hold, guidance or averaging arguments are bad."""
+    if hold_weight < 0:
+        raise ValueError(f"--model.hold_weight must be >= 0, got {hold_weight}")
+    if hold_latents not in HOLD_LATENTS:
+        raise ValueError(f"--model.hold_latents must be one of {', '.join(HOLD_LATENTS)}, got {hold_latents!r}")
+    if uncond_latents not in HOLD_LATENTS:
+        raise ValueError(
+            f"--model.uncond_latents must be one of {', '.join(HOLD_LATENTS)}, got {uncond_latents!r}"
+        )
+    if hold_weight > 0 and not class_prompt and not hold_prompts:
+        raise ValueError(
+            "--model.hold_weight needs a prompt to hold: set --data.class_prompt or --model.hold_prompts"
+        )
+    held_tokens = [p for p in hold_prompts if any(t in p for t in placeholder_tokens)]
+    if held_tokens:
+        raise ValueError(f"--model.hold_prompts must not contain placeholder tokens: {held_tokens[0]!r}")
+    if instance_guidance_anchor not in ("empty", "class"):
+        raise ValueError(
+            f"--model.instance_guidance_anchor must be empty or class, got {instance_guidance_anchor!r}"
+        )
+    if instance_guidance_anchor == "class" and instance_guidance_scale != 1 and not class_prompt:
+        raise ValueError("--model.instance_guidance_anchor class needs --data.class_prompt")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"--model.ema_decay must be in [0, 1), got {ema_decay}")
+    if instance_guidance_scale < 1:
+        raise ValueError(f"--model.instance_guidance_scale must be >= 1, got {instance_guidance_scale}")

@@ -148,6 +148,42 @@ def drift_metrics(
 
 
 # ---------------------------------------------------------------------------------------- summary
+# ---------------------------------------------------------------------------------------- one KID round
+class RoundReadouts:
+    """The readouts of each KID round of dallm.callbacks.KIDCallback: the toy heads' shares of the round's
+    samples and the paired drift. The drift's fixed triples and the base's predictions are made at the
+    first round and kept (the base never changes)."""
+
+    def __init__(self, drift_prompts: Sequence[str]) -> None:
+        self.drift_prompts = list(drift_prompts)
+        self._drift: tuple | None = None  # fixed (latent, timestep, noise) triples and the base's predictions
+
+    def __call__(self, trainer, pl_module, kid, ref: dict, shown: dict[str, torch.Tensor]) -> dict[str, float]:
+        """`toy/<name>_*` for each set of sample features in `shown` when `kid` (the KIDCallback) measures
+        with the toy net, the colours against the class images' (`ref["prior"]`); then `drift/*` (the
+        fixture's noise from the KID seed, `drift/*_guided` at its guidance scale)."""
+        out: dict[str, float] = {}
+        if kid.feature == "toy":  # the net's own heads judge what the samples show
+            net = kid._extractor.net
+            base_colours = colour_histogram(net, ref["prior"]) if "prior" in ref else None
+            for name, features in shown.items():
+                out.update(toy_shares(net, features, base_colours, name))
+        return out | self.drift(trainer, pl_module, kid.seed, kid.guidance_scale)
+
+    def drift(self, trainer, pl_module, seed: int, guidance: float) -> dict[str, float]:
+        """`drift/class` and `drift/other` (paired_drift) on the first class images' latents."""
+        dm = trainer.datamodule
+        class_prompt = dm.hparams.class_prompt
+        prompts = ([class_prompt] if class_prompt else []) + [p for p in self.drift_prompts if p != class_prompt]
+        paths = (dm.prior_paths or dm.val_teacher_paths)[:DRIFT_LATENTS]
+        if not prompts or not paths:
+            return {}
+        if self._drift is None:
+            self._drift = (encode_fixture(pl_module, paths, dm.hparams.resolution, seed), {})
+        plain, guided = paired_drift(pl_module, *self._drift, prompts, guidance)
+        return drift_metrics(plain, guided, class_prompt)
+
+
 def summary_line(entry: dict[str, float]) -> str | None:
     """The end-of-run line of readouts from a KID round's entry, or None when it has none."""
     parts = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-SCHEDULERS = ("dpm++", "ddim", "model")
+from dallm.base import SCHEDULERS, make_scheduler
 
 
 def parse_seeds(spec: str | int | list[int]) -> list[int]:
@@ -39,19 +39,6 @@ def resolve_lora_dir(path: str | Path) -> Path:
     raise FileNotFoundError(
         f"--lora {path}: neither an export dir (with dallm.json) nor a run dir with lora/best|last"
     )
-
-
-def make_scheduler(name: str, config):
-    """The sampler `name` built from a scheduler config, as dallm's KID rounds build it (None: keep the model's)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "model":
-        return None
-    raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {name!r}")
 
 
 def load_pipeline(base: str, lora_dir: Path | None, device: str):

@@ -15,6 +15,7 @@ from test_module import PROMPT, fake_batch, make_module
 
 from dallm import readouts
 from dallm.metrics import build_feature_extractor, features_of_paths
+from dallm.step import held_prompts
 from dallm.toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def hold_module(tiny_model_dir, **kw):
 
 def test_hold_term_is_zero_for_a_zero_lora(tiny_model_dir):
     module = hold_module(tiny_model_dir, hold_weight=1.0, hold_prompts=["a photo of a dog"])
-    assert module.held_prompts() == [CLASS, "a photo of a dog"]
+    assert held_prompts(module.hparams) == [CLASS, "a photo of a dog"]
     terms = module.step_losses(fake_batch(), module.step_generator(0), uncond=True)
     assert terms["hold"].shape == (8,) and float(terms["hold"].abs().max()) < 1e-10  # 2 prompts x 4 latents
     # The prompts' own losses are the plain pass's: the extra rows change nothing in them.
