@@ -15,25 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from dallm.run_files import grid_samples, read_scalars, run_config
+
 READOUTS = {
     "toy/instance_teacher_world": "instance: teacher world",
     "toy/instance_circle": "instance: circles",
     "toy/class_teacher_world": "class: teacher world",
     "toy/class_circle": "class: circles",
 }
-
-
-def grid_row(path: Path, resolution: int, count: int, row: int) -> torch.Tensor:
-    """Images 0..count-1 of one row of a KID sample grid (make_grid, padding 1): (count, 3, res, res)."""
-    from PIL import Image
-
-    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
-    cell = resolution + 1
-    y = 1 + row * cell
-    if grid.shape[1] < y + resolution or grid.shape[2] < 1 + count * cell:
-        raise ValueError(f"{path}: no row {row} of {count} samples of {resolution} px")
-    imgs = [grid[:, y : y + resolution, 1 + j * cell : 1 + j * cell + resolution] for j in range(count)]
-    return torch.stack(imgs).float() / 255
 
 
 def held_out_teacher(cfg: dict, resolution: int, count: int) -> torch.Tensor | None:
@@ -47,8 +36,6 @@ def held_out_teacher(cfg: dict, resolution: int, count: int) -> torch.Tensor | N
 
 def run_rows(run_dir: Path, count: int) -> tuple[list[tuple[str, torch.Tensor]], int, int]:
     """Labelled image rows of a run, and the base's and the trained model's steps."""
-    from dallm.report import run_config
-
     cfg = run_config(run_dir)
     res = cfg["data"]["resolution"]
     grids = sorted((run_dir / "samples").glob("step=*.png"))
@@ -67,8 +54,8 @@ def run_rows(run_dir: Path, count: int) -> tuple[list[tuple[str, torch.Tensor]],
     if cfg["data"].get("class_prompt"):
         prompts.append(("class", cfg["data"]["class_prompt"]))
     for row, (kind, _prompt) in enumerate(prompts):
-        rows.append((f"base, {kind} prompt (step {steps[0]})", grid_row(first, res, count, row)))
-        rows.append((f"trained, {kind} prompt (step {steps[1]})", grid_row(last, res, count, row)))
+        rows.append((f"base, {kind} prompt (step {steps[0]})", grid_samples(first, res, count, row)))
+        rows.append((f"trained, {kind} prompt (step {steps[1]})", grid_samples(last, res, count, row)))
     return rows, steps[0], steps[1]
 
 
@@ -78,8 +65,6 @@ def run_figure(run_dir: str | Path, out: str | Path, count: int = 8) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dallm.report import read_scalars
 
     run_dir, out = Path(run_dir), Path(out)
     rows, _, _ = run_rows(run_dir, count)
@@ -152,8 +137,6 @@ def readout_table(scalars: dict[str, dict[int, float]]) -> list[str]:
 
 def run_report(run_dir: Path, out: Path | None = None) -> int:
     """`dallm report RUN_DIR`: the run's figure and a table of its KID rounds, as Markdown + PNG."""
-    from dallm.report import read_scalars
-
     out = out or run_dir / "report.md"
     png = run_figure(run_dir, out.with_suffix(".png"))
     lines = [f"# Run `{run_dir}`", "", f"![the run: images and curves]({png.name})", "",
@@ -175,3 +158,13 @@ def last_readouts(curves: list[dict[str, dict[int, float]]]) -> dict[str, Any]:
         if values:
             out[tag] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
     return out
+
+
+def readout_cell(curves: list[dict[str, dict[int, float]]]) -> str:
+    """The last toy readouts and drift of a sweep's setting (mean ± between-seed std), or '-' without them."""
+    names = {**READOUTS, "drift/class": "drift/class", "drift/class_guided": "drift/class_guided"}
+    cells = []
+    for tag, (mean, std) in last_readouts(curves).items():
+        scale, unit = (100, "%") if tag.startswith("toy/") else (1, "")
+        cells.append(f"{names[tag]} {scale * mean:.3g}{unit} ± {scale * std:.2g}{unit}")
+    return "; ".join(cells) or "-"
