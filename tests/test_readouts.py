@@ -48,6 +48,26 @@ def test_teacher_images_read_as_teacher_world_circles(toy):
     assert 0.0 <= out["toy/instance_colour_tv"] <= 1.0
 
 
+def test_the_base_models_own_class_images_read_as_base_world_circles(toy, tmp_path):
+    # The class images a toy run makes (the data module's own generation, as configs/toy.yaml sets it):
+    # the reference the class-prompt readouts are judged against must itself read as the base's circles.
+    from dallm.data import DallmDataModule
+
+    dm = DallmDataModule(
+        teacher_dir=str(ROOT / "dallm/toy/assets/teacher"), num_teacher_images=20,
+        instance_prompt="a painting of a circle <s1><s2>", class_prompt="a painting of a circle",
+        prior_dir=str(tmp_path / "prior"), num_prior_images=20, prior_generation_steps=15,
+        prior_guidance_scale=5.0, prior_batch_size=20, resolution=32,
+        pretrained_model_name_or_path=str(ROOT / "dallm/toy/assets/base"),
+    )  # fmt: skip
+    dm.prepare_data()
+    extractor, net = toy
+    paths = sorted((tmp_path / "prior").glob("*.png"))
+    assert len(paths) == 20
+    out = readouts.toy_shares(net, features_of_paths(paths, extractor), None, "class")
+    assert out["toy/class_teacher_world"] <= 0.05 and out["toy/class_circle"] >= 0.95, out
+
+
 def test_base_world_circles_read_as_base_world_and_squares_as_no_circles(toy):
     extractor, net = toy
     circles = extractor(rendered(world.render_base, "circle"))
