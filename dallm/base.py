@@ -100,6 +100,23 @@ def pipeline_from_parts(tokenizer, text_encoder, vae, unet, scheduler) -> Any:
     return pipe
 
 
+SCHEDULERS = ("dpm++", "ddim", "model")
+
+
+def make_scheduler(name: str, config):
+    """The sampler `name` built from a scheduler config (None: keep the model's); the KID rounds and
+    `dallm sample` build theirs here, so the same name samples the same way in both."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "model":
+        return None
+    raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {name!r}")
+
+
 def load_base_pipeline(
     src: str,
     *,

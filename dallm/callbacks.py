@@ -10,7 +10,9 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from dallm import readouts
 from dallm.base import vae_roundtrip
+from dallm.ema import looked_at
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -89,15 +91,16 @@ class LoraExport(pl.Callback):
             if not getattr(self, "_dora_noted", False):
                 rank_zero_info("dallm: DoRA has no exact kohya form; exporting the diffusers format only")
                 self._dora_noted = True
-        out = write_exports(
-            pl_module,
-            root / f"step={step:06d}",
-            step,
-            formats,
-            self.run_info,
-            kid.history if kid is not None else [],
-            run / "samples",
-        )
+        with looked_at(pl_module):  # the weight average, with --model.ema_decay
+            out = write_exports(
+                pl_module,
+                root / f"step={step:06d}",
+                step,
+                formats,
+                self.run_info,
+                kid.history if kid is not None else [],
+                run / "samples",
+            )
         copy_export(out, root / "last")
         return out
 
@@ -240,6 +243,7 @@ class KIDCallback(pl.Callback):
         batch_size: int = 10,
         seed: int | None = None,
         feature_batch_size: int = 32,
+        drift_prompts: list[str] = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table"],  # noqa: B006
     ) -> None:
         """
         Args:
@@ -258,6 +262,7 @@ class KIDCallback(pl.Callback):
             seed: first sampling seed; image i uses seed + i, the same at every round. Default: the run's
                 --seed_everything (0 outside the CLI).
             feature_batch_size: images per feature-extractor call.
+            drift_prompts: prompts the run never trains on, for `drift/other` (dallm.readouts); [] for none.
         """
         if every_n_steps < 0:
             raise ValueError(f"--kid.every_n_steps must be >= 0, got {every_n_steps}")
@@ -283,6 +288,7 @@ class KIDCallback(pl.Callback):
         self.batch_size = batch_size
         self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
+        self.readouts = readouts.RoundReadouts(drift_prompts)  # toy/* and drift/*
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None
         self._reference: dict[str, torch.Tensor] = {}
@@ -366,22 +372,14 @@ class KIDCallback(pl.Callback):
                 self._reference[name] = feats.float().cpu()
         return self._reference
 
-    def sample_scheduler(self, pl_module):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-        config = pl_module.noise_scheduler.config
-        if self.scheduler == "dpm++":
-            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-        if self.scheduler == "ddim":
-            return DDIMScheduler.from_config(config)
-        return None
-
     def samples(self, trainer, pl_module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed-seed samples for `prompt` and their features: ((N, 3, H, W) in [0, 1], (N, D)), on CPU.
 
         Under DDP each rank generates and embeds its share of the seeds; images and features are then
         gathered, so every rank holds the same full set in seed order.
         """
+        from dallm.base import make_scheduler  # the sampler `dallm sample` builds from the same name
+
         world, rank = trainer.world_size, trainer.global_rank
         res = trainer.datamodule.hparams.resolution
         seeds = list(range(self.seed, self.seed + self.num_samples))
@@ -394,7 +392,7 @@ class KIDCallback(pl.Callback):
                 num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale,
                 resolution=res,
-                scheduler=self.sample_scheduler(pl_module),
+                scheduler=make_scheduler(self.scheduler, pl_module.noise_scheduler.config),
                 output_type="pt",
             )
             # uint8, as the images would be saved: the features see what a PNG would hold.
@@ -438,7 +436,7 @@ class KIDCallback(pl.Callback):
             # Samples of a diverged model are noise or black; a KID of them would look plausible.
             rank_zero_info(f"dallm: step {step}: no KID round: {len(bad)} trainable tensors are non-finite")
             return
-        with own_rng(pl_module.device):
+        with own_rng(pl_module.device), looked_at(pl_module):  # the weight average, with --model.ema_decay
             self._run_round(trainer, pl_module, step)
 
     def _run_round(self, trainer, pl_module, step: int) -> None:
@@ -461,7 +459,7 @@ class KIDCallback(pl.Callback):
                     notes.add(f"kid/{name}: {result.note}")
                 if self.feature.startswith("clip:"):
                     metrics[f"cmmd/{name}"] = cmmd_from_features(ref[name], fake)
-        grid_rows = [images]
+        grid_rows, shown = [images], {"instance": fake}
         class_prompt = trainer.datamodule.hparams.class_prompt
         if "prior" in ref and class_prompt:
             prior_images, prior_fake = self.samples(trainer, pl_module, class_prompt)
@@ -472,6 +470,8 @@ class KIDCallback(pl.Callback):
             if self.feature.startswith("clip:"):
                 metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
             grid_rows.append(prior_images)
+            shown["class"] = prior_fake
+        metrics.update(self.readouts(trainer, pl_module, self, ref, shown))
         if not self.history:
             metrics.update(self.reference_metrics(pl_module, ref, trainer))
         metrics["kid/round_seconds"] = time.perf_counter() - start

@@ -72,6 +72,7 @@ class DallmCLI(LightningCLI):
         for key in ("pretrained_model_name_or_path", "revision", "variant"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
         parser.link_arguments("data.instance_prompt", "model.instance_prompt")
+        parser.link_arguments("data.class_prompt", "model.class_prompt")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -173,6 +174,11 @@ class DallmCLI(LightningCLI):
                     f"  kid/val: step {first['step']} {with_se(first, 'kid/val')} -> step {last['step']} "
                     f"{with_se(last, 'kid/val')}" + shown
                 )
+                from dallm.readouts import summary_line
+
+                for entry in (first, last):  # the base's readouts, then the trained model's
+                    if summary_line(entry):
+                        print(f"  readouts, step {entry['step']}: {summary_line(entry)}")
 
 
 def with_se(entry: dict, key: str) -> str:

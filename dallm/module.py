@@ -7,15 +7,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from dallm import diffusion, lora, tokens
-from dallm.cache import LatentCache, encode_each, vae_identity
+from dallm import diffusion, lora, step, tokens
+from dallm.cache import LatentCache, vae_identity
 from dallm.errors import DallmError
 from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
+from dallm.objective import check_hold_arguments
 
 
 class DivergedError(DallmError, FloatingPointError):
@@ -64,6 +63,14 @@ class DallmModule(pl.LightningModule):
         instance_prompt: str = "a realistic painting of a cat in baroque art style like <s1><s2>",
         prior_loss_weight: float = 1.0,
         uncond_loss_weight: float = 0.0,
+        class_prompt: str | None = None,
+        hold_weight: float = 0.0,
+        hold_prompts: list[str] = [],  # noqa: B006 (jsonargparse needs a literal default)
+        hold_latents: str = "all",
+        uncond_latents: str = "all",
+        instance_guidance_scale: float = 1.0,
+        instance_guidance_anchor: str = "empty",
+        ema_decay: float = 0.0,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         use_dora: bool = False,
@@ -101,6 +108,28 @@ class DallmModule(pl.LightningModule):
                 branch classifier-free guidance extrapolates from stays the base's (no training example carries
                 the empty prompt, so nothing else holds it). 0: off. Costs a second UNet pass per step
                 (batched with the first) and one frozen forward (RESULTS.md: the toy default needs it).
+            class_prompt: the class prompt (linked from --data.class_prompt); held by hold_weight.
+            hold_weight: weight of the base-prediction term (OneTrainer's PRIOR_PREDICTION, ai-toolkit's
+                diff_output_preservation): the model's prediction for the class prompt (and each of
+                hold_prompts) is pulled to the frozen base's (adapters off) on the same noisy latents, so the
+                LoRA does not move what it is not trained for. Rows join the step's one batched student call
+                and one no-grad base call; no extra images. 0: off.
+            hold_prompts: further prompts held at the base's prediction with hold_weight (the class word alone
+                does not protect prompts the run never sees); no placeholder tokens.
+            hold_latents: latents the held prompts are compared on: "all" of the batch, the teacher images'
+                ("instance") or the class images' ("prior").
+            uncond_latents: latents the empty prompt is held on (uncond_loss_weight): "all", "instance" or
+                "prior", as hold_latents; fewer rows, a cheaper step.
+            instance_guidance_scale: take the instance loss through classifier-free guidance at this scale:
+                the guided prediction e_base(∅) + w (e(p) - e_base(∅)) is asked to denoise the teacher image
+                (dallm.objective.guided_target), so that sampling at guidance w, not 1, reproduces the
+                teacher. 1: the plain loss.
+            instance_guidance_anchor: the base prediction the guided instance loss extrapolates from: "empty"
+                (the empty prompt's, as the sampler does) or "class" (the class prompt's: the teacher is
+                learned as a residual on the base's class prediction, only the residual scaled down by w).
+            ema_decay: keep an exponential moving average of the LoRA and token weights with this decay (e.g.
+                0.99: about the last 100 steps) and sample, measure and export it instead of the raw weights
+                (dallm.ema); 0: off.
             snr_gamma: min-SNR-gamma loss weighting (e.g. 5.0); null for the plain MSE.
             noise_offset: add this times a per-sample, per-channel constant N(0, 1) to the diffusion noise
                 (Guttenberg 2023; 0.05-0.1 lets the model make darker and brighter images); 0: off.
@@ -129,6 +158,10 @@ class DallmModule(pl.LightningModule):
             raise ValueError(f"--model.prior_loss_weight must be >= 0, got {prior_loss_weight}")
         if uncond_loss_weight < 0:
             raise ValueError(f"--model.uncond_loss_weight must be >= 0, got {uncond_loss_weight}")
+        check_hold_arguments(
+            hold_weight, hold_prompts, hold_latents, uncond_latents, class_prompt, placeholder_tokens,
+            instance_guidance_scale, instance_guidance_anchor, ema_decay,
+        )  # fmt: skip
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"--model.snr_gamma must be > 0, got {snr_gamma}")
         if noise_offset < 0:
@@ -147,6 +180,7 @@ class DallmModule(pl.LightningModule):
         # The checkpoint holds only what trains; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.unet = None
+        self.ema = None
         self.latent_cache: LatentCache | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
 
@@ -223,6 +257,10 @@ class DallmModule(pl.LightningModule):
                 vae_identity(vae, str(hp.pretrained_model_name_or_path)), hp.cache_dir
             )
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        if hp.get("ema_decay", 0.0) > 0:
+            from dallm.ema import WeightAverage
+
+            self.ema = WeightAverage([(n, p) for n, p in self.named_parameters() if p.requires_grad], hp.ema_decay)
         trainable, total = lora.count_parameters(self)
         self.param_counts = {"trainable": trainable, "total": total}
         rank_zero_info(
@@ -248,13 +286,14 @@ class DallmModule(pl.LightningModule):
         return self
 
     # ------------------------------------------------------------------ steps
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], cache: bool = True) -> torch.Tensor:
         """Prompt strings -> CLIP hidden states (N, L, D), each distinct prompt encoded once.
 
         A prompt without placeholder tokens gives the same states at every step when the text encoder
         has no LoRA (the new rows only change sequences that contain them), so its states are cached.
+        Readouts pass cache=False: what training reads from the cache never depends on what they encoded.
         """
-        cacheable = not self.hparams.train_text_encoder
+        cacheable = cache and not self.hparams.train_text_encoder
         unique = list(dict.fromkeys(prompts))
         todo = [p for p in unique if not (cacheable and p in self._text_cache)]
         states = {p: self._text_cache[p] for p in unique if p not in todo}
@@ -286,7 +325,7 @@ class DallmModule(pl.LightningModule):
         `generator` is one generator for the batch, or one per sample (each sample's latent noise,
         diffusion noise and timestep then come from its own generator, whatever the batch holds).
         """
-        return self.step_losses(batch, generator, uncond=False)[0]
+        return self.step_losses(batch, generator, uncond=False, plain=True)["diffusion"]
 
     @contextmanager
     def base_only(self):
@@ -303,55 +342,10 @@ class DallmModule(pl.LightningModule):
                 set_adapter_layers(part, enabled=True)
 
     def step_losses(
-        self, batch: dict, generator: torch.Generator | list[torch.Generator], uncond: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample diffusion losses (N,) and, with `uncond`, per-sample unconditional-preservation losses
-        (N,): the squared distance of the model's empty-prompt prediction from the frozen base's at the
-        same noisy latents and timesteps (0 while the LoRA is still the identity). Same weighting for both.
-        """
-        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)  # (N, 3, H, W)
-        with torch.no_grad():
-            encode = lambda x: self.vae.encode(x).latent_dist.parameters  # noqa: E731
-            if self.latent_cache is not None and "keys" in batch:
-                params = self.latent_cache.latent_params(batch["keys"], pixels, encode)
-            else:
-                params = encode_each(encode, pixels)  # as the cache does: the same latents either way
-            dist = DiagonalGaussianDistribution(params.to(self.vae.dtype))  # (N, 2C, h, w)
-            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor  # (N, 4, H/8, W/8)
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = diffusion.sample_timesteps(
-            latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, latents.device
-        )
-        if self.hparams.noise_offset > 0:
-            # Drawn after the timesteps, so runs without an offset keep their noise and timesteps.
-            offset = randn_tensor(
-                (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-            )  # (N, 4, 1, 1)
-            noise = noise + self.hparams.noise_offset * offset
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self.encode_prompts(batch["prompts"])  # (N, L, D)
-        n = latents.shape[0]
-        if uncond:
-            empty = self.encode_prompts([""] * n)
-            with torch.no_grad(), self.base_only():
-                base_empty = self.encode_prompts([""] * n) if self.hparams.train_text_encoder else empty
-                base_pred = self.unet(noisy, timesteps, base_empty).sample
-            # One batched pass for the prompts and the empty prompt: the same cost as two on a CPU, fewer
-            # kernel launches on a GPU.
-            both = self.unet(
-                torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([hidden, empty])
-            ).sample
-            pred, empty_pred = both[:n], both[n:]
-        else:
-            pred = self.unet(noisy, timesteps, hidden).sample
-        target = diffusion.training_target(self.noise_scheduler, latents, noise, timesteps)
-        losses = diffusion.per_sample_mse(pred, target)
-        uncond_losses = diffusion.per_sample_mse(empty_pred, base_pred) if uncond else None
-        if self.hparams.snr_gamma is not None:
-            weights = diffusion.min_snr_weights(self.noise_scheduler, timesteps, self.hparams.snr_gamma)
-            losses = losses * weights
-            uncond_losses = uncond_losses * weights if uncond else None
-        return losses, uncond_losses
+        self, batch: dict, generator: torch.Generator | list[torch.Generator], uncond: bool, plain: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample losses of one step ("diffusion", and "uncond" / "hold" when on): dallm.step."""
+        return step.step_losses(self, batch, generator, uncond, plain)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
@@ -360,15 +354,16 @@ class DallmModule(pl.LightningModule):
         if self.hparams.lora_dropout > 0:
             torch.manual_seed(generator.initial_seed())  # dropout draws from the global RNG
         uncond_weight = self.hparams.uncond_loss_weight
-        losses, uncond_losses = self.step_losses(batch, generator, uncond=uncond_weight > 0)
+        terms = self.step_losses(batch, generator, uncond=uncond_weight > 0)
         loss, loss_instance, loss_prior = diffusion.instance_prior_loss(
-            losses, batch["is_prior"].to(losses.device), self.hparams.prior_loss_weight
+            terms["diffusion"], batch["is_prior"].to(self.device), self.hparams.prior_loss_weight
         )
         parts = [("instance", loss_instance), ("prior", loss_prior)]
-        if uncond_losses is not None:
-            loss_uncond = uncond_losses.mean()
-            loss = loss + uncond_weight * loss_uncond
-            parts.append(("uncond", loss_uncond))
+        for name, weight in (("uncond", uncond_weight), ("hold", self.hparams.get("hold_weight", 0.0))):
+            if name in terms:
+                value = terms[name].mean()
+                loss = loss + weight * value
+                parts.append((name, value))
         # Decided together under DDP: a rank that stopped alone would leave the others in the all-reduce.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             which = [name for name, value in parts if not torch.isfinite(value)]
@@ -382,9 +377,8 @@ class DallmModule(pl.LightningModule):
         n = len(batch["prompts"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/loss_instance", loss_instance, batch_size=n)
-        self.log("train/loss_prior", loss_prior, batch_size=n)
-        if uncond_losses is not None:
-            self.log("train/loss_uncond", loss_uncond, batch_size=n)
+        for name, value in parts[1:]:
+            self.log(f"train/loss_{name}", value, batch_size=n)
         for group in self.trainer.optimizers[0].param_groups:
             self.log(f"train/lr_{group['name']}", group["lr"], batch_size=n)
         return loss
@@ -393,6 +387,8 @@ class DallmModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Checked before any on_train_batch_end hook, so ModelCheckpoint never saves the broken state.
         self.check_finite(f"after optimizer step {self.global_step + 1} (step {self.global_step} was finite)")
+        if self.ema is not None:
+            self.ema.update()
 
     def nonfinite_parameters(self) -> list[str]:
         """Names of trainable parameters holding NaN or inf (one fused check per step when all are finite)."""
@@ -482,6 +478,8 @@ class DallmModule(pl.LightningModule):
             "rank": self.hparams.rank,
             "placeholder_tokens": list(self.hparams.placeholder_tokens),
         }
+        if self.ema is not None:
+            checkpoint["dallm_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
@@ -493,6 +491,8 @@ class DallmModule(pl.LightningModule):
                 f"(missing {sorted(expected - got)[:3]}, unexpected {sorted(got - expected)[:3]}); "
                 f"it was made with {checkpoint.get('dallm')}"
             )
+        if self.ema is not None and "dallm_ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["dallm_ema"])
 
     # ------------------------------------------------------------------ sampling and export
     def pipeline(self, scheduler=None):

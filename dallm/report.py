@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dallm.figure import readout_cell, run_report
+from dallm.run_files import grid_samples, last_grid, read_scalars, run_config
 from dallm.sweep import RECORD, short_keys
 
 TAGS = ("kid/val", "kid/train", "kid/prior")
@@ -49,14 +51,6 @@ def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
             f"SWEEP_DIR {sweep_dir}: no runs (directories with {RECORD} or key=value,seed=S names)"
         )
     return runs
-
-
-def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of a run's event files; a step logged twice (a resumed run) keeps the last."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
-    return {t: {e.step: e.value for e in events.Scalars(t)} for t in events.Tags()["scalars"]}
 
 
 def setting_key(settings: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -127,34 +121,6 @@ def fmt(cell: dict[str, Any], start: float | None = None, seeds: int = 2) -> str
 
 
 # ---------------------------------------------------------------------------------------- samples
-def grid_samples(path: Path, resolution: int, count: int) -> torch.Tensor:
-    """The first row (instance prompt) of a KID sample grid as (count, 3, res, res) floats in [0, 1].
-
-    The grid is torchvision's make_grid(padding=1): image j of row 0 sits at x = 1 + j * (res + 1), y = 1.
-    """
-    from PIL import Image
-
-    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
-    cell = resolution + 1
-    if grid.shape[2] < 1 + count * cell:
-        raise ValueError(
-            f"{path}: {grid.shape[2]} px wide, too narrow for {count} samples of {resolution} px"
-        )
-    imgs = [grid[:, 1 : 1 + resolution, 1 + j * cell : 1 + j * cell + resolution] for j in range(count)]
-    return torch.stack(imgs).float() / 255
-
-
-def run_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
-
-
-def last_grid(run_dir: Path) -> tuple[int, Path] | None:
-    grids = sorted((run_dir / "samples").glob("step=*.png"))
-    return (int(grids[-1].stem.split("=")[1]), grids[-1]) if grids else None
-
-
 class Embedder:
     """Features of the held-out teacher images and of run samples, one extractor per --kid.feature."""
 
@@ -305,12 +271,14 @@ def report(
     gif: bool = False,
     device: str = "cpu",
 ) -> int:
-    """Write a Markdown report (tables, curves as PNG, relative tests) of a `dallm sweep` directory.
+    """Write a Markdown report (tables, curves as PNG, relative tests) of a `dallm sweep` directory, or of one run.
 
         python -m dallm report lightning_logs/sweep_toy --out docs/sweep_toy.md
+        python -m dallm report lightning_logs/toy/version_0   # one run: its figure (dallm.figure)
 
     Args:
-        sweep_dir: the sweep's directory (SAVE_DIR/NAME of `dallm sweep`): one subdirectory per run.
+        sweep_dir: the sweep's directory (SAVE_DIR/NAME of `dallm sweep`): one subdirectory per run; or one
+            run's directory (with config.yaml and samples/): its figure and a table of its KID rounds.
         out: the Markdown file; PNGs go beside it (<stem>_<flag>_<n>.png). Default: SWEEP_DIR/report.md.
         tags: scalar tags plotted, one panel each.
         relative: run the relative KID test between the settings of each family (needs the runs'
@@ -321,6 +289,8 @@ def report(
     sweep_path = Path(sweep_dir)
     if not sweep_path.is_dir():
         raise ValueError(f"SWEEP_DIR {sweep_dir}: not a directory")
+    if (sweep_path / "config.yaml").is_file() and (sweep_path / "samples").is_dir():
+        return run_report(sweep_path, Path(out) if out else None)  # one run: its figure and rounds
     out_path = Path(out) if out else sweep_path / "report.md"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     runs = load_runs(sweep_path)
@@ -343,8 +313,8 @@ def report(
         lines += [f"Left out, not finished (failed, interrupted or running): {', '.join(unfinished)}.", ""]
     summary: dict[str, Any] = {"settings": {}, "relative": []}
     lines += [
-        "| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last |",
-        "|---|---|---|---|---|---|",
+        "| setting | seeds | kid/val step 0 | best (step) | last (step) | kid/prior last | readouts last |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in keys:
         s = summarize(stats[key]["curves"], "kid/val")
@@ -356,7 +326,8 @@ def report(
         start = s["start"]["mean"]
         lines.append(
             f"| {label(key)} | {n} | {fmt(s['start'], None, n)} | {fmt(s['best'], start, n)} ({s['best']['step']}) | "
-            f"{fmt(s['last'], start, n)} ({s['last']['step']}) | {fmt(p['last'], None, n) if p else '-'} |"
+            f"{fmt(s['last'], start, n)} ({s['last']['step']}) | {fmt(p['last'], None, n) if p else '-'} | "
+            f"{readout_cell(stats[key]['curves'])} |"
         )
     fams = families(keys)
     for i, (flag, fixed, members) in enumerate(fams):

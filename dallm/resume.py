@@ -40,8 +40,15 @@ MODEL_CONTRACT = (
     "token_lr",
     "prior_loss_weight",
     "uncond_loss_weight",
+    "hold_weight",
+    "hold_prompts",
+    "hold_latents",
+    "uncond_latents",
+    "instance_guidance_scale",
+    "instance_guidance_anchor",
+    "ema_decay",
     "snr_gamma",
-)  # instance_prompt and seed are linked from --data.*, compared there
+)  # instance_prompt, class_prompt and seed are linked from --data.*, compared there
 DATA_CONTRACT = (
     "teacher_dir",
     "num_teacher_images",

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
+from dallm.base import SCHEDULERS, make_scheduler
 from dallm.trained import resolve_lora_dir
-
-SCHEDULERS = ("dpm++", "ddim", "model")
 
 
 def parse_seeds(spec: str | int | list[int]) -> list[int]:
@@ -28,19 +27,6 @@ def parse_seeds(spec: str | int | list[int]) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         seeds.extend(range(lo, hi + 1))
     return seeds
-
-
-def make_scheduler(name: str, config):
-    """The sampler `name` built from a scheduler config, as dallm's KID rounds build it (None: keep the model's)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "model":
-        return None
-    raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {name!r}")
 
 
 def load_pipeline(base: str, lora_dir: Path | None, device: str):

@@ -209,6 +209,20 @@ CASES: dict[str, Case] = {
     "model-uncond_loss_weight-negative": fit(
         "--model.uncond_loss_weight", "-1", match="--model.uncond_loss_weight"
     ),
+    "model-hold_weight-negative": fit("--model.hold_weight", "-1", match="--model.hold_weight"),
+    "model-hold_weight-without-prompt": fit(
+        "--model.hold_weight", "1", "--data.class_prompt", "null", match="--model.hold_weight needs a prompt"
+    ),
+    "model-hold_prompts-placeholder": fit("--model.hold_prompts", "[a <s1> cat]", match="--model.hold_prompts"),
+    "model-hold_latents-unknown": fit("--model.hold_latents", "teacher", match="--model.hold_latents"),
+    "model-uncond_latents-unknown": fit("--model.uncond_latents", "teacher", match="--model.uncond_latents"),
+    "model-instance_guidance_scale-below-one": fit(
+        "--model.instance_guidance_scale", "0.5", match="--model.instance_guidance_scale"
+    ),
+    "model-instance_guidance_anchor-unknown": fit(
+        "--model.instance_guidance_anchor", "teacher", match="--model.instance_guidance_anchor"
+    ),
+    "model-ema_decay-one": fit("--model.ema_decay", "1", match="--model.ema_decay"),
     "model-snr_gamma-zero": fit("--model.snr_gamma", "0", match="--model.snr_gamma"),
     "model-token_lr-zero": fit("--model.token_lr", "0", match="--model.token_lr"),
     "model-lr-negative": fit("--model.optimizer.lr", "-1", match="--model.optimizer.lr"),

@@ -114,10 +114,10 @@ def train_steps(module: DallmModule, steps: int, uncond_weight: float) -> None:
     optimizer = torch.optim.AdamW(module.trainable_groups(), lr=1e-2)
     for step in range(steps):
         batch = fake_batch()
-        losses, uncond = module.step_losses(batch, module.step_generator(step), uncond=uncond_weight > 0)
-        loss, _, _ = diffusion.instance_prior_loss(losses, batch["is_prior"], 1.0)
-        if uncond is not None:
-            loss = loss + uncond_weight * uncond.mean()
+        terms = module.step_losses(batch, module.step_generator(step), uncond=uncond_weight > 0)
+        loss, _, _ = diffusion.instance_prior_loss(terms["diffusion"], batch["is_prior"], 1.0)
+        if "uncond" in terms:
+            loss = loss + uncond_weight * terms["uncond"].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -126,7 +126,8 @@ def train_steps(module: DallmModule, steps: int, uncond_weight: float) -> None:
 def test_uncond_loss_starts_at_zero_and_keeps_the_empty_prompt_near_the_base(tiny_model_dir):
     held = make_module(tiny_model_dir)
     plain = held.diffusion_losses(fake_batch(), held.step_generator(0))
-    losses, uncond = held.step_losses(fake_batch(), held.step_generator(0), uncond=True)
+    terms = held.step_losses(fake_batch(), held.step_generator(0), uncond=True)
+    losses, uncond = terms["diffusion"], terms["uncond"]
     # The batched pass gives the prompts' losses of the plain pass; a fresh LoRA is the identity.
     assert torch.allclose(losses, plain, rtol=1e-5, atol=1e-7)
     assert uncond.shape == (4,) and float(uncond.max()) < 1e-10

@@ -75,6 +75,18 @@ def test_the_empty_prompt_term_trains_and_is_observation_free_too(tmp_path, unob
 
 
 @pytest.mark.slow
+def test_the_hold_term_the_readouts_and_the_average_are_observation_free(tmp_path, unobserved):
+    # The base-prediction term on the class prompt and an unrelated prompt, the weight average, and KID
+    # rounds with the toy readouts (toy/*, drift/*): the exported (averaged) weights do not depend on them.
+    held = ["--model.hold_weight", "1", "--model.uncond_loss_weight", "1", "--model.hold_latents", "instance",
+            "--model.hold_prompts", "[a photo of a dog]", "--model.ema_decay", "0.5"]  # fmt: skip
+    a = trained(tmp_path, "a", *held, *KID_OFF, *VAL_OFF)
+    b = trained(tmp_path, "b", *held, *KID_ON, "--kid.feature", "toy")
+    assert_identical(a, b)
+    assert differs(unobserved, a)
+
+
+@pytest.mark.slow
 def test_random_token_init_comes_from_the_run_seed(tmp_path):
     random_init = ["--model.initializer_token", "null"]
     a = trained(tmp_path, "a", *random_init, *KID_OFF, *VAL_OFF)

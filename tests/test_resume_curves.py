@@ -10,11 +10,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 STEPS = 8
 # KID at 0, 3, 6 and the end; train/loss every 2nd step; a checkpoint every step so any step can resume.
+# The readouts (toy heads, paired drift) ride on the KID rounds; with the weight average on they are taken
+# of the average, which the checkpoint must carry for the curves to continue unchanged.
 ARGS = [
     "--kid.every_n_steps", "3", "--kid.num_samples", "4", "--kid.num_inference_steps", "2",
     "--trainer.log_every_n_steps", "2", "--trainer.val_check_interval", "4",
+    "--kid.feature", "toy", "--model.ema_decay", "0.5", "--model.hold_weight", "1",
 ]  # fmt: skip
-TAGS = ("kid/val", "kid/train", "train/loss", "train/loss_prior", "val/loss")
+TAGS = ("kid/val", "kid/train", "train/loss", "train/loss_prior", "val/loss", "train/loss_hold",
+        "toy/instance_circle", "toy/class_colour_tv", "drift/class", "drift/other")  # fmt: skip
 
 
 class Interrupted(Exception):

@@ -45,9 +45,13 @@ class ToyFeatureNet(nn.Module):
         return F.normalize(self.embed(images), dim=1)
 
     def logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads_of(self(images))
+
+    def heads_of(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Head logits of (N, 64) L2-normalised features, the `toy` KID features: no second pass of the body."""
         # Cosine classifier: the heads see only the embedding's direction, so everything they learn to
         # tell apart (world, shape, colour) survives the L2 normalisation of the KID features.
-        z = 10 * self(images)
+        z = 10 * features
         return {name: head(z) for name, head in self.heads.items()}
 
 
