@@ -6,22 +6,31 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import torch
-
 from dallm.errors import PARSER_KWARGS, DallmError
 from dallm.formats import check_formats, run_name, write_exports
+from dallm.resume import load_checkpoint
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
-    """A checkpoint file, or a run dir's `checkpoints/best.ckpt`, else its `checkpoints/last.ckpt`."""
+    """A checkpoint file, or a run dir's `checkpoints/best.ckpt`, else its newest readable checkpoint
+    (last.ckpt, or a newer or readable step=*.ckpt when last.ckpt is older, truncated or missing: as
+    `fit --ckpt_path last` resumes)."""
+    from dallm.resume import newest_readable, readable
+
     source = Path(source)
     if source.is_file():
         return source
-    for name in ("best.ckpt", "last.ckpt"):
-        if (source / "checkpoints" / name).is_file():
-            return source / "checkpoints" / name
+    best = source / "checkpoints" / "best.ckpt"
+    if best.is_file() and readable(best):
+        return best
+    found, notes = newest_readable(source / "checkpoints")
+    for note in notes:
+        print(f"dallm export: {note}; using {found}" if found else f"dallm export: {note}")
+    if found is not None:
+        return found
     raise FileNotFoundError(
-        f"SOURCE {source}: not a checkpoint file nor a run dir with checkpoints/best|last.ckpt"
+        f"SOURCE {source}: not a checkpoint file nor a run dir with a readable checkpoints/best.ckpt, "
+        "last.ckpt or step=*.ckpt"
     )
 
 
@@ -68,7 +77,7 @@ def export(
     formats = check_formats(format.split(",") if isinstance(format, str) else list(format))
     ckpt_path = resolve_checkpoint(source)
     run_dir = ckpt_path.resolve().parent.parent
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(ckpt_path, "SOURCE")  # weights_only; an unreadable file is named
     run = dict(callback_state(checkpoint, "LoraExport").get("run_info") or {"name": run_name(run_dir)})
     if name:
         run["name"] = name

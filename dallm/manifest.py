@@ -93,10 +93,22 @@ def append_manifest(directory: str | Path, record: dict[str, Any]) -> None:
     if path.exists():
         _drop_partial_tail(path)
     line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        if err.filename is None:
+            raise with_path(err, path) from err
+        raise
+
+
+def with_path(err: OSError, path: Path) -> OSError:
+    """`err` naming the file it was writing: a full disk says only "[Errno 28] No space left on device"."""
+    if not isinstance(err, OSError) or err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -140,8 +152,10 @@ def save_bytes_atomic(data: bytes, path: str | Path, write: Callable[[BinaryIO, 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            raise with_path(err, path) from err
         raise
     _fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()

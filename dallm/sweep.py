@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dallm.errors import PARSER_KWARGS
 from dallm.launch import (
     RECORD,
     Run,
@@ -25,8 +26,10 @@ from dallm.launch import (
     launch_submitit,
     prime_class_images,
     read_record,
+    status_of,
     write_record,
 )
+from dallm.ranges import Count, Seed
 
 
 # ---------------------------------------------------------------------------------------- the grid
@@ -109,6 +112,26 @@ def fit_args(run: Run, config: list[str], save_dir: Path, sweep_name: str, extra
     return args + list(extra)
 
 
+def check_runs(runs: list[Run], arg_lists: list[list[str]]) -> None:
+    """Parse every run's `dallm fit` flags as `dallm fit` would, before anything is launched or printed.
+
+    A misspelt grid key (`model.rnak`) or an out-of-range value would otherwise become N runs that each
+    fail at start, or a --dry_run that prints commands that cannot run.
+    """
+    from dallm.cli import build_parser
+    from dallm.errors import one_line
+
+    parser = build_parser()
+    for run, args in zip(runs, arg_lists, strict=True):
+        try:
+            parser.parse_args(args)
+        except Exception as err:  # ArgumentError, or a config file that does not parse
+            raise ValueError(
+                f"run {run.name}: `dallm fit` refuses its flags (check --grid and the flags after --): "
+                f"{one_line(err)}"
+            ) from err
+
+
 # ---------------------------------------------------------------------------------------- run state
 def run_state(run_dir: Path) -> str:
     """ "done" (finished: skip), "resume" (has checkpoints/last.ckpt) or "new"."""
@@ -153,12 +176,12 @@ def sweep(
     config: str,
     grid: list[str] | None = None,
     grids: list[dict[str, list[Any]]] | None = None,
-    seeds: list[int] = [0],  # noqa: B006 (jsonargparse needs a literal default)
+    seeds: list[Seed] = [0],  # noqa: B006 (jsonargparse needs a literal default)
     name: str | None = None,
     save_dir: str = "lightning_logs",
     launcher: str = "local",
-    max_parallel: int = 1,
-    gpus_per_run: int = 1,
+    max_parallel: Count = 1,
+    gpus_per_run: Count = 1,
     slurm: SlurmOptions = SlurmOptions(),  # noqa: B008
     wait: bool = True,
     prime: bool = True,
@@ -212,6 +235,7 @@ def sweep(
     runs = expand(all_grids, seeds)
     name = name or f"sweep_{Path(config).stem}"
     root = Path(save_dir).resolve() / name
+    check_runs(runs, [fit_args(run, [config], Path(save_dir).resolve(), name, extra) for run in runs])
     to_launch, skipped = [], []
     for run in runs:
         args = fit_args(run, [config], Path(save_dir).resolve(), name, extra)
@@ -240,11 +264,12 @@ def sweep(
         codes = launch_local(to_launch, root / "logs", max_parallel, gpus_per_run)
     else:
         codes = launch_submitit(to_launch, root / "submitit", slurm, max_parallel, name, wait)
-    failed = sorted(n for n, c in codes.items() if c != 0)
+    failed = sorted(n for n, c in codes.items() if c != 0)  # interrupted ones too: not done, resumable
     for n in failed:
-        print(f"dallm sweep: failed: {n} (see {root / n / RECORD})", file=sys.stderr)
+        print(f"dallm sweep: {status_of(codes[n])}: {n} (see {root / n / RECORD})", file=sys.stderr)
     print(
-        f"dallm sweep {name}: {len(codes) - len(failed)} finished now, {len(failed)} failed, {len(skipped)} skipped"
+        f"dallm sweep {name}: {len(codes) - len(failed)} finished now, {len(failed)} failed or interrupted, "
+        f"{len(skipped)} skipped"
     )
     return 1 if failed else 0
 
@@ -286,7 +311,7 @@ def sweep_main(argv: list[str]) -> int:
     """`python -m dallm sweep ...` (see `sweep`); bad input: one line naming the flag, exit 2."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="dallm sweep", description=sweep.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="dallm sweep", description=sweep.__doc__.split("\n\n")[0], **PARSER_KWARGS)
     parser.add_argument(
         "--sweep_file", action=ActionConfigFile, help="a YAML file with any of the flags below"
     )

@@ -158,7 +158,7 @@ def two_dirs(tmp: Path, real: int = 3, fake: int = 3, big: bool = False, corrupt
     for i in range(fake):
         png(tmp / "fake" / f"{i}.png")
     if big:  # 1-bit mode: a 12000x12000 PNG of a few MB whose decode would be 432 MB of RGB; KID prepares
-        # an 8000x8000 file in bounded memory (test_features), this one is over dallm.features.MAX_PIXELS
+        # a 6000x6000 file in bounded memory (test_features), this one is over dallm.images.MAX_IMAGE_PIXELS
         png(tmp / "fake" / "huge.png", (12000, 12000), "1")
     if corrupt:
         (tmp / "fake" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -454,8 +454,8 @@ def test_catalogue_is_large_enough():
 
 def test_traceback_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("DALLM_TRACEBACK", "1")
-    with pytest.raises(ValueError, match="--model.rank"):
-        main(fit_args(tmp_path, "--model.rank", "0"))
+    with pytest.raises(ValueError, match="--data.resolution"):
+        main(fit_args(tmp_path, "--data.resolution", "30"))
 
 
 def test_malformed_yaml_names_the_file_not_a_string(tmp_path, capsys):
