@@ -20,46 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import yaml
+from lightning.fabric.connector import _convert_precision_to_unified_args
 
 from dallm.errors import DallmError
 
 # Hyperparameters of the module that define what trains (instance_prompt and seed: compared under data).
 MODEL_CONTRACT = (
-    "pretrained_model_name_or_path",
-    "revision",
-    "variant",
-    "rank",
-    "alpha",
-    "lora_dropout",
-    "target_modules",
-    "train_text_encoder",
-    "text_encoder_target_modules",
-    "placeholder_tokens",
-    "initializer_token",
-    "token_lr",
-    "prior_loss_weight",
-    "uncond_loss_weight",
-    "snr_gamma",
-    "noise_offset",
+    "pretrained_model_name_or_path", "revision", "variant", "rank", "alpha", "lora_dropout",
+    "target_modules", "train_text_encoder", "text_encoder_target_modules", "placeholder_tokens",
+    "initializer_token", "token_lr", "prior_loss_weight", "uncond_loss_weight", "snr_gamma", "noise_offset",
     "use_dora",
-)
+)  # fmt: skip
 DATA_CONTRACT = (
-    "teacher_dir",
-    "num_teacher_images",
-    "val_teacher_dir",
-    "num_val_images",
-    "instance_prompt",
-    "class_prompt",
-    "num_prior_images",
-    "prior_generation_steps",
-    "prior_guidance_scale",
-    "resolution",
-    "center_crop",
-    "random_flip",
-    "batch_size",
-    "seed",
-)
+    "teacher_dir", "num_teacher_images", "val_teacher_dir", "num_val_images", "instance_prompt",
+    "class_prompt", "num_prior_images", "prior_generation_steps", "prior_guidance_scale", "resolution",
+    "center_crop", "random_flip", "batch_size", "seed",
+)  # fmt: skip
 # The optimizer's own settings are restored from its saved state, so a changed value would be silently
 # ignored: compared against the LoRA param group.
 OPTIMIZER_CONTRACT = ("lr", "weight_decay", "betas", "eps", "momentum", "nesterov", "dampening", "amsgrad")
@@ -67,49 +45,83 @@ OPTIMIZER_CONTRACT = ("lr", "weight_decay", "betas", "eps", "momentum", "nestero
 # which classes the optimizer and schedule are, and how KID samples (a changed sampler would put two
 # measurements on one curve).
 RECORDED_CONTRACT = (
-    "model.optimizer",
-    "model.lr_scheduler",
-    "trainer.accumulate_grad_batches",
-    "trainer.precision",
-    "trainer.gradient_clip_val",
-    "trainer.gradient_clip_algorithm",
-    "world_size",
-    "kid.seed",
-    "kid.feature",
-    "kid.weights",
-    "kid.num_inference_steps",
-    "kid.guidance_scale",
-    "kid.scheduler",
-    "kid.subset_size",
+    "model.optimizer", "model.lr_scheduler", "trainer.accumulate_grad_batches", "trainer.precision",
+    "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm", "world_size", "kid.seed", "kid.feature",
+    "kid.weights", "kid.num_inference_steps", "kid.guidance_scale", "kid.scheduler", "kid.subset_size",
     "kid.subsets",
-)
-# Flags that may change on resume; a change is honoured (config.yaml records it) and printed.
+)  # fmt: skip
+# Flags that may change on resume; a change is honoured (config.yaml records it) and printed. They say how
+# long the run goes and how often it is observed, not what one step does.
 MAY_CHANGE = (
-    "trainer.max_steps",
-    "trainer.val_check_interval",
-    "trainer.log_every_n_steps",
-    "checkpoint.every_n_train_steps",
-    "kid.every_n_steps",
-    "kid.num_samples",
-    "early_stopping.patience",
-)
+    "trainer.max_steps", "trainer.max_epochs", "trainer.min_epochs", "trainer.min_steps",
+    "trainer.max_time", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
+    "trainer.log_every_n_steps", "trainer.limit_val_batches", "checkpoint.every_n_train_steps",
+    "kid.every_n_steps", "kid.num_samples", "early_stopping.patience",
+)  # fmt: skip
 # Flags that change neither the trained weights nor the curves, with the reason (README: Errors and trust).
+_ROUNDING = "kernels or their order: results equal up to float rounding; bitwise resume is promised on the CPU"
 SAFE = {
     "model.cache_latents": "the same latents, encoded once instead of every step",
     "model.cache_dir": "where the latent cache lives",
-    "model.gradient_checkpointing": "recomputes activations: same arithmetic",
-    "model.channels_last": "memory layout; results equal up to float rounding, bitwise not promised",
-    "model.compile": "kernels; results equal up to float rounding, bitwise not promised",
+    "model.gradient_checkpointing": "recomputes activations with the same arithmetic",
+    "model.channels_last": _ROUNDING,
+    "model.compile": _ROUNDING,
     "data.num_workers": "loader processes; the stream is step-indexed",
-    "data.prior_dir": "where class images live; their settings are checked against the manifest",
-    "data.prior_batch_size": "generation batching of missing class images only",
+    "data.prior_dir": "where class images live; their settings are checked against its manifest",
+    "data.prior_batch_size": "batching of the missing class images' generation only",
     "kid.batch_size": "sampling batches; each image has its own generator",
     "kid.feature_batch_size": "feature-extractor batches",
-    "export.*": "what is written at checkpoints",
-    "hparams.*": "the TensorBoard HParams summary",
-    "checkpoint.* (other than every_n_train_steps)": "where and which checkpoints are kept",
-    "trainer.* (other than listed)": "devices as long as the world size is kept, logging, progress bar",
+    "export.enabled": "what is written at checkpoints",
+    "export.formats": "what is written at checkpoints",
+    "hparams.enabled": "the TensorBoard HParams summary",
+    "checkpoint.dirpath": "where checkpoints go",
+    "checkpoint.filename": "their names",
+    "checkpoint.monitor": "which are kept",
+    "checkpoint.mode": "which are kept",
+    "checkpoint.save_top_k": "how many are kept",
+    "checkpoint.save_last": "whether last.ckpt is written",
+    "checkpoint.save_weights_only": "what a checkpoint holds (a weights-only one cannot be resumed)",
+    "checkpoint.save_on_exception": "an extra checkpoint",
+    "checkpoint.save_on_train_epoch_end": "when checkpoints are written",
+    "checkpoint.every_n_epochs": "when checkpoints are written",
+    "checkpoint.train_time_interval": "when checkpoints are written",
+    "checkpoint.auto_insert_metric_name": "their names",
+    "checkpoint.enable_version_counter": "their names",
+    "checkpoint.verbose": "messages",
+    "trainer.accelerator": _ROUNDING + " (the world size is in the contract)",
+    "trainer.strategy": _ROUNDING,
+    "trainer.devices": "compared as the world size (devices x nodes), recorded in the contract",
+    "trainer.num_nodes": "compared as the world size (devices x nodes), recorded in the contract",
+    "trainer.deterministic": _ROUNDING,
+    "trainer.benchmark": _ROUNDING,
+    "trainer.logger": "where the curves go (a resume continues the run directory it finds)",
+    "trainer.callbacks": "extra observers; dallm's own callbacks are always there",
+    "trainer.enable_checkpointing": "whether checkpoints are written",
+    "trainer.enable_progress_bar": "the terminal",
+    "trainer.enable_model_summary": "the terminal",
+    "trainer.enable_autolog_hparams": "what is logged",
+    "trainer.profiler": "timing only",
+    "trainer.detect_anomaly": "checks only (slower)",
+    "trainer.barebones": "logging and checks off",
+    "trainer.fast_dev_run": "a smoke test that writes no checkpoint",
+    "trainer.num_sanity_val_steps": "validation before training; measurement draws from its own generators",
+    "trainer.limit_test_batches": "dallm has no test stage",
+    "trainer.limit_predict_batches": "dallm has no predict stage",
+    "trainer.limit_train_batches": "fixed: the whole stream (dallm.trainer refuses anything else)",
+    "trainer.overfit_batches": "fixed: 0 (dallm.trainer refuses anything else)",
+    "trainer.use_distributed_sampler": "fixed: false, the stream shards itself (preflight refuses true)",
+    "trainer.reload_dataloaders_every_n_epochs": "a reloaded loader resumes the same step-indexed stream",
+    "trainer.sync_batchnorm": "the UNet has no batch norm",
+    "trainer.inference_mode": "validation's grad mode; no weights change there",
+    "trainer.plugins": "checkpoint IO and cluster environment (precision is --trainer.precision, recorded)",
+    "trainer.default_root_dir": "where files go without a logger",
+    "trainer.model_registry": "where a model is uploaded",
+    "seed_everything": "its effect is compared as --data.seed and --kid.seed, which default to it",
+    "weights_only": "fixed: true",
 }
+# Flags set from others (compared under that name), and the command's own options.
+LINKED = ("model.instance_prompt", "model.seed", "data.pretrained_model_name_or_path", "data.revision", "data.variant")
+NOT_SETTINGS = ("config", "print_config", "ckpt_path", "help")
 
 
 def plain(value: Any) -> Any:
@@ -149,15 +161,11 @@ def class_name(obj_or_path: Any) -> str | None:
 
 def precision_name(value: Any) -> str:
     """A --trainer.precision as Lightning resolves it (`32` and null -> `32-true`, `bf16` -> `bf16-mixed`)."""
-    from lightning.fabric.connector import _convert_precision_to_unified_args
-
     return str(_convert_precision_to_unified_args(32 if value is None else value))
 
 
 def expected_world_size(trainer: Any) -> int | None:
     """The world size the trainer flags give (devices x num_nodes), or None when only Lightning can tell."""
-    import torch
-
     devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1) or 1
     if hasattr(devices, "__len__") and not isinstance(devices, str):
         return len(devices) * nodes
@@ -173,7 +181,6 @@ def expected_world_size(trainer: Any) -> int | None:
 
 def config_record(cfg) -> dict[str, Any]:
     """The RECORDED_CONTRACT values this config asks for (None where it cannot say)."""
-    trainer = cfg.get("trainer") or {}
     clip = get(cfg, "trainer.gradient_clip_val")
     return {
         "model.optimizer": class_name(get(cfg, "model.optimizer.class_path")),
@@ -182,7 +189,7 @@ def config_record(cfg) -> dict[str, Any]:
         "trainer.precision": precision_name(get(cfg, "trainer.precision")),
         "trainer.gradient_clip_val": clip or None,
         "trainer.gradient_clip_algorithm": (get(cfg, "trainer.gradient_clip_algorithm") or "norm") if clip else None,
-        "world_size": expected_world_size(trainer),
+        "world_size": expected_world_size(cfg.get("trainer") or {}),
         **{key: get(cfg, key) for key in RECORDED_CONTRACT if key.startswith("kid.")},
     }
 
@@ -193,15 +200,15 @@ class ContractRecord(pl.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         from dallm.callbacks import KIDCallback
 
-        schedulers = trainer.lr_scheduler_configs
-        clip = trainer.gradient_clip_val
+        schedulers, clip = trainer.lr_scheduler_configs, trainer.gradient_clip_val
+        algorithm = trainer.gradient_clip_algorithm or "norm"
         record = {
             "model.optimizer": class_name(trainer.optimizers[0]) if trainer.optimizers else None,
             "model.lr_scheduler": class_name(schedulers[0].scheduler) if schedulers else None,
             "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
             "trainer.precision": precision_name(trainer.precision),
             "trainer.gradient_clip_val": clip or None,
-            "trainer.gradient_clip_algorithm": (str(trainer.gradient_clip_algorithm or "norm") if clip else None),
+            "trainer.gradient_clip_algorithm": str(getattr(algorithm, "value", algorithm)) if clip else None,
             "world_size": trainer.world_size,
         }
         kid = next((cb for cb in trainer.callbacks if isinstance(cb, KIDCallback)), None)
@@ -234,7 +241,6 @@ def _optimizer_state_mismatch(cfg, lora: dict) -> str | None:
     spec = cfg.get("model", {}).get("optimizer") if cfg.get("model") else None
     if spec is None or not spec.get("class_path"):
         return None
-    import torch
     from lightning.pytorch.cli import instantiate_class
 
     try:
@@ -275,7 +281,8 @@ def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True, path:
     if isinstance(record, dict):
         for key in RECORDED_CONTRACT:
             held, now = record.get(key), given.get(key)
-            if key in record and held is not None and now is not None and not _same(held, now):
+            unknown = key == "world_size" and (held is None or now is None)  # only Lightning could tell
+            if key in record and not unknown and not _same(held, now):
                 flag = "--trainer.devices x --trainer.num_nodes (world size)" if key == "world_size" else f"--{key}"
                 diffs.append(f"{flag} {held!r} vs {now!r}")
     elif lora is not None:
@@ -306,17 +313,9 @@ def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True, path:
 
 # What the weights themselves are: all that `validate` needs to match (it scores, it does not train).
 SHAPE_CONTRACT = (
-    "pretrained_model_name_or_path",
-    "revision",
-    "variant",
-    "rank",
-    "alpha",
-    "target_modules",
-    "train_text_encoder",
-    "text_encoder_target_modules",
-    "placeholder_tokens",
-    "use_dora",
-)
+    "pretrained_model_name_or_path", "revision", "variant", "rank", "alpha", "target_modules",
+    "train_text_encoder", "text_encoder_target_modules", "placeholder_tokens", "use_dora",
+)  # fmt: skip
 # Scheduler arguments that are its position, not its settings (jsonargparse fills them with defaults).
 SCHEDULER_STATE = {"last_epoch", "verbose"}
 

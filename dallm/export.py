@@ -24,14 +24,12 @@ def resolve_checkpoint(source: str | Path) -> Path:
     if best.is_file() and readable(best):
         return best
     found, notes = newest_readable(source / "checkpoints")
+    if found is None:
+        why = "; ".join(notes) or "no checkpoints/best.ckpt, last.ckpt or step=*.ckpt"
+        raise FileNotFoundError(f"SOURCE {source}: not a checkpoint file nor a run dir with a readable one ({why})")
     for note in notes:
-        print(f"dallm export: {note}; using {found}" if found else f"dallm export: {note}")
-    if found is not None:
-        return found
-    raise FileNotFoundError(
-        f"SOURCE {source}: not a checkpoint file nor a run dir with a readable checkpoints/best.ckpt, "
-        "last.ckpt or step=*.ckpt"
-    )
+        print(f"dallm export: {note}; using {found}")
+    return found
 
 
 def callback_state(checkpoint: dict, name: str) -> dict:

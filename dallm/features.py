@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from dallm.images import MAX_IMAGE_PIXELS, list_images, to_rgb
+from dallm.images import MAX_IMAGE_PIXELS, check_image_size, list_images, to_rgb
 
 FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
 
@@ -102,11 +102,7 @@ def decode_for(path: str | Path, size: tuple[int, int] | None = None, crop: bool
                 if im.format == "JPEG" and im.width * im.height > DRAFT_PIXELS and stored is not None:
                     side = min(stored) if crop else None
                     im.draft("RGB", (side, side) if crop else (stored[1], stored[0]))
-                if im.width * im.height > MAX_PIXELS:
-                    raise ValueError(
-                        f"{path}: {im.width}x{im.height} image has more than {MAX_PIXELS} pixels; "
-                        "refusing to decode it (shrink it first)"
-                    )
+                check_image_size(path, im.size, MAX_PIXELS)  # the same limit and words as training
                 im.load()
                 fx, fy = _reduce_factors(im.width, im.height, stored, crop)
                 if (fx, fy) != (1, 1):

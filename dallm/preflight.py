@@ -126,7 +126,7 @@ def check_prompt_lengths(tokenizer, prompts: list[tuple[str, str]]) -> None:
     tokens included, and the run would train on another prompt than the one it reports."""
     limit = tokenizer.model_max_length
     for where, prompt in prompts:
-        count = len(tokenizer(prompt, truncation=False).input_ids)  # with the start and end tokens
+        count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)  # start and end tokens too
         if count > limit:
             raise DallmError(
                 f"{where}: the prompt {prompt!r} is {count} tokens, more than the {limit} the base model's "
@@ -308,6 +308,11 @@ def check_config(cfg: Any, subcommand: str) -> None:
             raise DallmError(
                 f"--trainer.max_steps must be > 0, got {max_steps}: dallm trains for a number of steps"
             )
+    if cfg.trainer.get("use_distributed_sampler"):
+        raise DallmError(
+            "--trainer.use_distributed_sampler must stay false: dallm's step-indexed training stream shards "
+            "itself across ranks (exact resume); Lightning's sampler would reorder it"
+        )
     if cfg.get("weights_only") is False:
         raise DallmError(
             "--weights_only false: dallm checkpoints hold only tensors and plain data, and a checkpoint "

@@ -314,9 +314,9 @@ class SigtermCheckpoint(pl.Callback):
     Lightning's own mechanism: its signal handler sets `trainer.received_sigterm`, the training loop raises
     `SIGTERMException` at the end of the step, and this callback's `on_exception` saves that step through
     the trainer's (atomic) checkpoint IO, as Lightning's `OnExceptionCheckpoint` does. `dallm.cli` then
-    prints how to resume and exits 143, so a preempted run never reads as finished. A SIGTERM during a
-    validation pass stops there without a new checkpoint (a checkpoint inside validation would not
-    resume exactly); the resume then starts from the newest checkpoint before it.
+    prints how to resume and exits 143, so a preempted run never reads as finished. The step's validation
+    and metrics are written first (`DallmTrainer.received_sigterm`), so nothing is lost. A SIGTERM before
+    the first step (class images, model loading) ends the process as the signal does, with nothing to save.
     """
 
     def __init__(self) -> None:
@@ -324,15 +324,23 @@ class SigtermCheckpoint(pl.Callback):
         self.step: int | None = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.validating:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath), None)
         if ckpt is None:
             return
         path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        # Lightning's restore adds one to the logging step counter (its checkpoints are saved before the
+        # step's increment, "batches_that_stepped is never set prior to saving a checkpoint"); saved here,
+        # after it, the counter is stored as Lightning expects, so the resumed curves keep their steps.
+        loop = trainer.fit_loop.epoch_loop
+        loop._batches_that_stepped -= 1
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            loop._batches_that_stepped += 1
         self.saved, self.step = path, trainer.global_step
 
 
@@ -342,7 +350,7 @@ def sigterm_message(trainer) -> str:
     if cb is not None and cb.saved is not None:
         where = f"saved step {cb.step} to {cb.saved}"
     else:
-        where = "stopped during a validation pass; the newest checkpoint before it is kept"
+        where = "no checkpoint saved (no step finished); the newest one before it is kept"
     return (
         f"dallm: stopped by SIGTERM at step {trainer.global_step} of {trainer.max_steps}: {where}. "
         f"Resume with the same command and --ckpt_path last (exit status {SIGTERM_EXIT})"

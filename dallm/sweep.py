@@ -112,24 +112,33 @@ def fit_args(run: Run, config: list[str], save_dir: Path, sweep_name: str, extra
     return args + list(extra)
 
 
-def check_runs(runs: list[Run], arg_lists: list[list[str]]) -> None:
+# jsonargparse's words for a flag `dallm fit` does not have (as opposed to a value it refuses).
+_UNKNOWN_FLAG = ("nrecognized arguments", "is not accepted", "is not expected", "No action for key")
+
+
+def check_runs(runs: list[Run], arg_lists: list[list[str]]) -> dict[str, str]:
     """Parse every run's `dallm fit` flags as `dallm fit` would, before anything is launched or printed.
 
-    A misspelt grid key (`model.rnak`) or an out-of-range value would otherwise become N runs that each
-    fail at start, or a --dry_run that prints commands that cannot run.
+    A flag `dallm fit` does not have (a misspelt grid key, `model.rnak`, or a typo after `--`) refuses the
+    whole sweep: every run would fail at start. A value it refuses (`model.rank=0`) concerns that run
+    alone, which fails by itself as any crashing run does; returned as {run name: the error line}.
     """
     from dallm.cli import build_parser
     from dallm.errors import one_line
 
     parser = build_parser()
+    refused = {}
     for run, args in zip(runs, arg_lists, strict=True):
         try:
             parser.parse_args(args)
         except Exception as err:  # ArgumentError, or a config file that does not parse
-            raise ValueError(
-                f"run {run.name}: `dallm fit` refuses its flags (check --grid and the flags after --): "
-                f"{one_line(err)}"
-            ) from err
+            line = one_line(err)
+            if any(words in str(err) for words in _UNKNOWN_FLAG):
+                raise ValueError(
+                    f"run {run.name}: `dallm fit` has no such flag (check --grid and the flags after --): {line}"
+                ) from err
+            refused[run.name] = line
+    return refused
 
 
 # ---------------------------------------------------------------------------------------- run state
@@ -235,13 +244,14 @@ def sweep(
     runs = expand(all_grids, seeds)
     name = name or f"sweep_{Path(config).stem}"
     root = Path(save_dir).resolve() / name
-    check_runs(runs, [fit_args(run, [config], Path(save_dir).resolve(), name, extra) for run in runs])
+    refused = check_runs(runs, [fit_args(run, [config], Path(save_dir).resolve(), name, extra) for run in runs])
     to_launch, skipped = [], []
     for run in runs:
         args = fit_args(run, [config], Path(save_dir).resolve(), name, extra)
         run_dir = root / run.name
         if dry_run:
-            print(f"{run.name} [{run_state(run_dir)}]: python -m dallm {' '.join(args)}")
+            state = f"refused by dallm fit: {refused[run.name]}" if run.name in refused else run_state(run_dir)
+            print(f"{run.name} [{state}]: python -m dallm {' '.join(args)}")
             continue
         launch = prepare(run, run_dir, args)
         if launch is None:
@@ -307,8 +317,8 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def sweep_main(argv: list[str]) -> int:
-    """`python -m dallm sweep ...` (see `sweep`); bad input: one line naming the flag, exit 2."""
+def sweep_parser():
+    """The `dallm sweep` parser, generated from `sweep`'s signature and docstring."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="dallm sweep", description=sweep.__doc__.split("\n\n")[0], **PARSER_KWARGS)
@@ -316,6 +326,12 @@ def sweep_main(argv: list[str]) -> int:
         "--sweep_file", action=ActionConfigFile, help="a YAML file with any of the flags below"
     )
     parser.add_function_arguments(sweep, as_group=False)
+    return parser
+
+
+def sweep_main(argv: list[str]) -> int:
+    """`python -m dallm sweep ...` (see `sweep`); bad input: one line naming the flag, exit 2."""
+    parser = sweep_parser()
     cfg = parser.parse_args(_normalise_argv(argv))
     import signal
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 
 from dallm.ranges import Count, FractionOfRun, NonNegativeFinite, NonNegativeInt, UnitInterval
 
@@ -88,3 +89,16 @@ class DallmTrainer(Trainer):
             reload_dataloaders_every_n_epochs=reload_dataloaders_every_n_epochs,
             **kwargs,
         )
+
+    @property
+    def received_sigterm(self) -> bool:
+        """Whether a SIGTERM arrived; while fit validates, not yet: acted on at the end of the step.
+
+        Lightning stops a validation pass in its middle on SIGTERM; inside fit that would leave the step's
+        validation and metrics unwritten and no exact point to save. Deferred to the end of the step (a
+        validation pass takes seconds), `dallm.resume.SigtermCheckpoint` saves a checkpoint that resumes
+        exactly and loses no point of the curves.
+        """
+        if self.state.fn == TrainerFn.FITTING and self.validating:
+            return False
+        return super().received_sigterm

@@ -119,7 +119,7 @@ def test_an_absurdly_large_image_is_one_error_line_naming_the_file(tmp_path, fol
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and out == ""
     line = err.strip().splitlines()[-1]
-    assert line.startswith("dallm: error: ") and "000000.png: 32x32 image has more than" in line
+    assert line.startswith("dallm: error: ") and "000000.png: image is 32x32" in line and "more than dallm decodes" in line
 
 
 PROBE = """
