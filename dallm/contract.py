@@ -278,8 +278,13 @@ def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True, path:
         record["world_size"] = None  # what the old run's devices resolved to is not in its config
     groups = [g for s in ckpt.get("optimizer_states") or [] for g in s.get("param_groups", [])]
     lora = next((g for g in groups if g.get("name") == "lora"), None)
+    # How KID samples matters only to a curve that goes on: KID on now, and rounds in the checkpoint.
+    kid_state = next((v for k, v in (ckpt.get("callbacks") or {}).items() if k.startswith("KIDCallback")), {})
+    measured = bool(get(cfg, "kid.every_n_steps")) and bool((kid_state or {}).get("history"))
     if isinstance(record, dict):
         for key in RECORDED_CONTRACT:
+            if key.startswith("kid.") and not measured:
+                continue
             held, now = record.get(key), given.get(key)
             unknown = key == "world_size" and (held is None or now is None)  # only Lightning could tell
             if key in record and not unknown and not _same(held, now):

@@ -114,7 +114,9 @@ def fake_checkpoint(path: Path, schedulers: list | None = None, record: dict | N
             "datamodule_hyper_parameters": data,
             "optimizer_states": [{"state": {}, "param_groups": groups}],
             "lr_schedulers": schedulers or [],
+            # A run with KID rounds (its KID settings are part of the contract only then).
             **({"dallm_contract": {**TINY_RECORD, **record}} if record is not None else {}),
+            "callbacks": {"KIDCallback": {"history": [{"step": 0, "kid/val": 0.05}]}},
         },
         path,
     )
