@@ -551,9 +551,8 @@ CASES.update(
         "resume-gradient_clip-differs": resume(
             {}, "--trainer.gradient_clip_val", "1.0", match="--trainer.gradient_clip_val None vs 1.0"
         ),
-        "resume-world-size-differs": resume(
-            {}, "--trainer.devices", "2", match="(world size) 1 vs 2"
-        ),
+        # A run made on 2 processes, resumed on 1 (not the other way round here: that would start DDP).
+        "resume-world-size-differs": resume({"world_size": 2}, match="(world size) 2 vs 1"),
         "resume-kid-seed-differs": resume({}, "--kid.seed", "3", match="--kid.seed 0 vs 3"),
         "resume-kid-feature-differs": resume(
             {}, "--kid.feature", "toy", match="--kid.feature 'module:dallm.tiny:feature_net' vs 'toy'"
