@@ -184,9 +184,10 @@ class DallmCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
-            # Lightning ends a SIGTERMed fit with SystemExit(None), exit status 0: it would read as finished.
+            # Lightning ends a SIGTERMed run with SystemExit(None), exit status 0: it would read as finished.
             if self.trainer.is_global_zero:
-                print(sigterm_message(self.trainer), file=sys.stderr, flush=True)
+                what = sigterm_message(self.trainer) if subcommand == "fit" else "dallm: stopped by SIGTERM"
+                print(what, file=sys.stderr, flush=True)
             raise SystemExit(SIGTERM_EXIT) from None
 
     def after_fit(self) -> None:

@@ -341,6 +341,7 @@ def check_config(cfg: Any, subcommand: str) -> None:
     run = resume.resumed_run(cfg) if subcommand == "fit" else None
     if run is not None:
         # The first write of an accepted resume, after every check passed: take the run directory (a
-        # second writer is refused here), then tidy what a kill left.
+        # second writer is refused here), then tidy what a kill left (rank 0 alone: the lock holder).
         resume.lock_run(run, "--ckpt_path")
-    resume.tidy(leftovers, cfg.get("ckpt_path"))
+    if resume.is_global_zero():
+        resume.tidy(leftovers, cfg.get("ckpt_path"))

@@ -253,7 +253,8 @@ HOLDER_NAME = ".lock.holder"  # who holds it: pid, host, start time, command (fo
 _held: dict[Path, Any] = {}
 
 
-def _is_global_zero() -> bool:
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0 (from the launcher's environment, before any process group)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
@@ -269,7 +270,7 @@ def lock_run(run_dir: str | Path, flag: str) -> None:
     from filelock import FileLock, Timeout
 
     run_dir = Path(run_dir).absolute()
-    if run_dir in _held or not _is_global_zero():
+    if run_dir in _held or not is_global_zero():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(run_dir / LOCK_NAME, timeout=0)
@@ -283,7 +284,8 @@ def lock_run(run_dir: str | Path, flag: str) -> None:
             who = "another process"
         raise DallmError(
             f"{flag}: {run_dir} is being written by another dallm fit ({who}); its lock is "
-            f"{run_dir / LOCK_NAME}. Wait for it to end (or stop it), then resume with --ckpt_path last"
+            f"{run_dir / LOCK_NAME}. Wait for it to end (or stop it) and resume with --ckpt_path last, or give "
+            "a new run another --trainer.logger.init_args.name"
         ) from None
     _held[run_dir] = lock
     holder = {
