@@ -1078,57 +1078,86 @@ def test_every_fit_flag_is_in_the_resume_contract_or_may_change_or_is_declared_s
 # ------------------------------------------------------------------- teacher images paid once (item 9)
 
 
-def test_openai_url_answers_are_downloaded_and_a_png_without_its_manifest_line_is_adopted(tmp_path, capsys, monkeypatch):
-    from pytest_httpserver import HTTPServer
-    from werkzeug import Response
+class ImagesServer:
+    """A local Images API: POST /v1/images/generations answers `n` images as `url`s (served by it) or b64."""
 
-    from dallm.manifest import read_manifest
+    def __init__(self, as_url: bool) -> None:
+        from pytest_httpserver import HTTPServer
 
+        self.server = HTTPServer(host="127.0.0.1", port=0)
+        self.asked: list[int] = []
+        self.as_url = as_url
+        self.server.expect_request("/v1/images/generations", method="POST").respond_with_handler(self.answer)
+        for k in range(1, 4):
+            for i in range(3):
+                self.server.expect_request(f"/files/{k}_{i}.png").respond_with_data(self.image(i), content_type="image/png")
+
+    @staticmethod
     def image(i: int) -> bytes:
         buf = io.BytesIO()
         Image.new("RGB", (256, 256), (40 * i, 90, 200)).save(buf, format="PNG")
         return buf.getvalue()
 
-    server = HTTPServer(host="127.0.0.1", port=0)
-    asked = []
+    def answer(self, request):
+        from werkzeug import Response
 
-    def answer(request):
         n = request.get_json()["n"]
-        asked.append(n)
-        data = [{"url": server.url_for(f"/files/{len(asked)}_{i}.png")} for i in range(n)]  # no b64_json
+        self.asked.append(n)
+        k = len(self.asked)
+        data = [
+            {"url": self.server.url_for(f"/files/{k}_{i}.png")} if self.as_url
+            else {"b64_json": base64.b64encode(self.image(i)).decode()}
+            for i in range(n)
+        ]  # fmt: skip
         body = json.dumps({"created": 1_700_000_000, "data": data})
-        return Response(body, headers={"x-request-id": f"req_{len(asked)}"}, content_type="application/json")
+        return Response(body, headers={"x-request-id": f"req_{k}"}, content_type="application/json")
 
-    server.expect_request("/v1/images/generations", method="POST").respond_with_handler(answer)
-    for k in (1, 2):
-        for i in range(3):
-            server.expect_request(f"/files/{k}_{i}.png").respond_with_data(image(i), content_type="image/png")
-    server.start()
-    out = tmp_path / "out"
+    def args(self, out: Path) -> list[str]:
+        return ["teacher", "--backend", "openai", "--model", "dall-e-2", "--prompt", "a cat", "--n", "3",
+                "--size", "256x256", "--out", str(out), "--base_url", self.server.url_for("/v1"),
+                "--progress", "false"]  # fmt: skip
+
+
+def listed(out: Path) -> list[str]:
+    from dallm.manifest import read_manifest
+
+    return sorted(r["file"] for r in read_manifest(out) if r.get("file"))
+
+
+def test_openai_url_answers_are_downloaded_and_kept(tmp_path, capsys, monkeypatch):
+    """Item 9: an answer with `url` instead of `b64_json` kept 0 of its paid images."""
+    api = ImagesServer(as_url=True)
+    api.server.start()
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-printed")
-    args = ["teacher", "--backend", "openai", "--model", "dall-e-2", "--prompt", "a cat", "--n", "3",
-            "--size", "256x256", "--out", str(out), "--base_url", server.url_for("/v1"), "--progress", "false"]  # fmt: skip
+    out = tmp_path / "out"
     try:
-        assert main_code(args) == 0, capsys.readouterr().err
-        # Kept: every paid image of the url answer, with its manifest line and the pixels served.
-        assert asked == [3] and sorted(r["file"] for r in read_manifest(out) if r.get("file")) == [
-            "000000.png", "000001.png", "000002.png"
-        ]
-        for i in range(3):
-            with Image.open(out / f"00000{i}.png") as im, Image.open(io.BytesIO(image(i))) as served:
-                assert list(im.convert("RGB").getdata()) == list(served.convert("RGB").getdata())
-        # A kill between an image and its manifest line leaves exactly this: the last line missing.
+        assert main_code(api.args(out)) == 0, capsys.readouterr().err
+    finally:
+        api.server.stop()
+    assert api.asked == [3] and listed(out) == ["000000.png", "000001.png", "000002.png"]
+    for i in range(3):  # the pixels served, each with its manifest line
+        with Image.open(out / f"00000{i}.png") as im, Image.open(io.BytesIO(api.image(i))) as served:
+            assert list(im.convert("RGB").getdata()) == list(served.convert("RGB").getdata())
+
+
+def test_a_paid_png_without_its_manifest_line_is_adopted_not_bought_again(tmp_path, capsys, monkeypatch):
+    """Item 9: a PNG whose manifest line a kill prevented was requested (and paid for) again."""
+    api = ImagesServer(as_url=False)
+    api.server.start()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-printed")
+    out = tmp_path / "out"
+    try:
+        assert main_code(api.args(out)) == 0, capsys.readouterr().err
+        # A kill between an image's file and its manifest line leaves exactly this: the last line missing.
         manifest = out / "manifest.jsonl"
         manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))
         capsys.readouterr()
-        assert main_code(args) == 0
-        assert asked == [3], "an image already paid for was requested again"
-        assert "adopted 1 complete image(s)" in capsys.readouterr().out
-        assert sorted(r["file"] for r in read_manifest(out) if r.get("file")) == [
-            "000000.png", "000001.png", "000002.png"
-        ]
+        assert main_code(api.args(out)) == 0
     finally:
-        server.stop()
+        api.server.stop()
+    assert api.asked == [3], "an image already paid for was requested again"
+    assert "adopted 1 complete image(s)" in capsys.readouterr().out
+    assert listed(out) == ["000000.png", "000001.png", "000002.png"]
 
 
 # ------------------------------------------------------------- cosine T_max follows max_steps (item 18)
