@@ -530,12 +530,13 @@ CASES.update(
         ),
         "prompt-class-over-77-tokens": fit("--data.class_prompt", LONG, match="--data.class_prompt: the prompt"),
         # 5-7. The resume contract: every setting that changes what trains, refused naming both values.
+        # The same lr as the checkpoint's: only the class differs.
         "resume-optimizer-class-differs": resume(
-            {}, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.1",
+            {}, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.001",
             match="--model.optimizer 'torch.optim.adamw.AdamW' vs 'torch.optim.sgd.SGD'",
         ),
         "resume-optimizer-state-of-another-class": resume(
-            None, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.1",
+            None, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.001",
             match="--model.optimizer: the checkpoint's optimizer state has settings ['betas', 'eps']",
         ),
         "resume-use_dora-differs": resume({}, "--model.use_dora", "true", match="--model.use_dora False vs True"),
@@ -615,7 +616,7 @@ CASES.update(
         # 16. A sweep whose runs would all fail.
         "sweep-grid-key-typo": sweep("--grid", "model.rnak=1,2", match="--model.rnak"),
         "sweep-extra-flag-typo": sweep("--", "--model.rnak", "2", match="--model.rnak"),
-        "sweep-max_parallel-zero": sweep("--max_parallel", "0", match="--max_parallel must be >= 1, got 0"),
+        "sweep-slurm-time-zero": sweep("--slurm.time", "0", match="--slurm.time must be >= 1, got 0"),
         "sweep-seed-negative": sweep("--seeds", "[-1]", match="--seeds"),
         # 17. Counts that accepted 0 (or a fraction) and ran something else than asked, exit 0.
         "kid-num_inference_steps-zero": fit("--kid.num_inference_steps", "0", match="--kid.num_inference_steps must be >= 1"),
@@ -628,13 +629,20 @@ CASES.update(
             "--trainer.accumulate_grad_batches", "0", match="--trainer.accumulate_grad_batches must be >= 1"
         ),
         "trainer-val_check_interval-zero": fit("--trainer.val_check_interval", "0", match="--trainer.val_check_interval"),
-        "trainer-gradient_clip_val-nan": fit("--trainer.gradient_clip_val", "nan", match="--trainer.gradient_clip_val"),
+        "trainer-gradient_clip_val-negative": fit(
+            "--trainer.gradient_clip_val", "-1", match="--trainer.gradient_clip_val must be finite and >= 0 or null"
+        ),
+        "trainer-log_every_n_steps-zero": fit(
+            "--trainer.log_every_n_steps", "0", match="--trainer.log_every_n_steps must be >= 1 or null"
+        ),
         "checkpoint-every_n_train_steps-negative": fit(
             "--checkpoint.every_n_train_steps", "-1", match="--checkpoint.every_n_train_steps must be >= 0"
         ),
         "data-resolution-over-pixel-limit": fit("--data.resolution", "1000000000", match="--data.resolution must be in [8, 6320]"),
-        "model-lora_dropout-nan": fit("--model.lora_dropout", "nan", match="--model.lora_dropout must be in [0, 1)"),
-        "model-noise_offset-inf": fit("--model.noise_offset", "inf", match="--model.noise_offset must be finite and >= 0"),
+        "data-prior_guidance_scale-negative": fit(
+            "--data.prior_guidance_scale", "-1", match="--data.prior_guidance_scale must be finite and >= 0"
+        ),
+        "teacher-seed-negative": openai("--seed", "-1", match="--seed must be in [0, 4294967295]"),
         "teacher-timeout-zero": openai("--timeout", "0", match="--timeout must be finite and > 0, got 0"),
         "teacher-val_fraction-nan": openai("--val_fraction", "nan", match="--val_fraction"),
         "kid-cli-seed-negative": kid(lambda tmp: [*two_dirs(tmp), "--seed", "-1"], "--seed must be in [0, 4294967295]"),
