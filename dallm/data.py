@@ -224,7 +224,9 @@ class DallmDataModule(pl.LightningDataModule):
         hp = self.hparams
         prior_dir = Path(hp.prior_dir)
         self._check_prior_dir_writable(prior_dir)
-        with lock_directory(prior_dir):  # released on return, and by the OS if the process is killed
+        # Released on return, and by the OS if the process is killed; a parallel run of a sweep sharing
+        # the class images waits for the one filling them, then finds them present.
+        with lock_directory(prior_dir, wait=True):
             remove_stale_temp_files(prior_dir)
             self._fill_prior_dir(prior_dir)
 

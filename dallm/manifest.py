@@ -190,15 +190,16 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
 
 
 @contextmanager
-def lock_directory(directory: str | Path) -> Iterator[None]:
+def lock_directory(directory: str | Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `directory/.lock` for the `with` block (`filelock`).
 
     Two runs filling the same directory would request the same missing images twice and interleave
     manifest lines. The lock is an OS lock (flock on POSIX, msvcrt on Windows): it is released when the
-    process dies, even by SIGKILL, so no stale lock survives a crash.
+    process dies, even by SIGKILL, so no stale lock survives a crash. `wait`: when another process holds
+    it, say so and wait for it (runs of a sweep sharing class images), instead of refusing.
 
     Raises:
-        RuntimeError: if another process holds the lock (no waiting: the user should know).
+        RuntimeError: if another process holds the lock and `wait` is false (the user should know).
     """
     from filelock import FileLock, Timeout
 
@@ -207,9 +208,12 @@ def lock_directory(directory: str | Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout as err:
-        raise RuntimeError(
-            f"{directory} is being filled by another running process ({path} is locked)"
-        ) from err
+        if not wait:
+            raise RuntimeError(
+                f"{directory} is being filled by another running process ({path} is locked)"
+            ) from err
+        print(f"dallm: {directory} is being filled by another process; waiting for it ({path})", flush=True)
+        lock.acquire(timeout=-1)  # released when that process ends, however it ends
     try:
         yield
     finally:
