@@ -8,6 +8,7 @@ dallm or a library and keeps its traceback.
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 import re
@@ -68,6 +69,19 @@ _RESTRICTION = re.compile(r"does not conform to restriction ((?:v\s*[<>=]+\s*[^\
 _BOUND = re.compile(r"v\s*([<>]=?)\s*([^\s,]+)")
 _VALUE = re.compile(r"(?:Given value|Got value): (.*?)(?:\.? Got value:|$)", re.S)
 _EXPECTED = re.compile(r"Expected an? <class '(\w+)'>")
+_LITERAL = re.compile(r"Expected an? typing\.Literal\[([^\]]*)\]")
+
+
+def _literal_values(text: str) -> list[str]:
+    """The values of every `Literal[...]` alternative in an error, each once (`Literal[1, 1.0]` -> `1`)."""
+    out: dict[object, str] = {}
+    for group in _LITERAL.findall(text):
+        for item in group.split(","):
+            try:
+                out.setdefault(ast.literal_eval(item.strip()), item.strip())
+            except (ValueError, SyntaxError):
+                out.setdefault(item.strip(), item.strip())
+    return list(out.values())
 
 
 def _range_phrase(restriction: str) -> str:
@@ -100,8 +114,9 @@ def argument_error_text(text: str) -> str:
         head = re.search(r"Not of type \w+: (\S+) does not conform", text)
         value = head.group(1) if head else None
     ranges = [_range_phrase(r) for r in _RESTRICTION.findall(text)]
-    if ranges:
-        alternatives = list(dict.fromkeys(ranges)) + (["null"] if "NoneType" in text else [])
+    literals = _literal_values(text)  # e.g. --trainer.num_sanity_val_steps: >= 0, or -1 for all
+    if ranges or literals:
+        alternatives = list(dict.fromkeys(ranges)) + literals + (["null"] if "NoneType" in text else [])
         return f"{flag} must be {' or '.join(alternatives)}, got {value}"
     expected = [t for t in dict.fromkeys(_EXPECTED.findall(text)) if t != "NoneType"]
     if expected and value is not None:

@@ -623,7 +623,7 @@ CASES.update(
         "kid-guidance_scale-negative": fit("--kid.guidance_scale", "-1", match="--kid.guidance_scale must be finite and >= 0"),
         "trainer-max_epochs-zero": fit("--trainer.max_epochs", "0", match="--trainer.max_epochs must be >= 1 or null"),
         "trainer-limit_train_batches-fraction": fit(
-            "--trainer.limit_train_batches", "0.5", match="--trainer.limit_train_batches"
+            "--trainer.limit_train_batches", "0.5", match="--trainer.limit_train_batches must be 1 or null, got 0.5"
         ),
         "trainer-accumulate_grad_batches-zero": fit(
             "--trainer.accumulate_grad_batches", "0", match="--trainer.accumulate_grad_batches must be >= 1"
@@ -644,7 +644,9 @@ CASES.update(
         ),
         "teacher-seed-negative": openai("--seed", "-1", match="--seed must be in [0, 4294967295]"),
         "teacher-timeout-zero": openai("--timeout", "0", match="--timeout must be finite and > 0, got 0"),
-        "teacher-val_fraction-nan": openai("--val_fraction", "nan", match="--val_fraction"),
+        "trainer-num_sanity_val_steps-negative": fit(
+            "--trainer.num_sanity_val_steps", "-5", match="--trainer.num_sanity_val_steps must be >= 0 or -1 or null"
+        ),
         "kid-cli-seed-negative": kid(lambda tmp: [*two_dirs(tmp), "--seed", "-1"], "--seed must be in [0, 4294967295]"),
         "sample-steps-zero": (lambda tmp: ["sample", "--lora", str(tmp), "--steps", "0"], "--steps must be >= 1, got 0"),
         # 18. Minor: a duplicate YAML key, and one pixel limit for `dallm kid` and `fit`.
