@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from dallm import readouts
 from dallm.base import vae_roundtrip
 from dallm.ema import looked_at
+from dallm.ranges import AtLeastTwo, Count, NonNegativeFinite, NonNegativeInt, Seed
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -231,18 +232,18 @@ class KIDCallback(pl.Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 250,
-        num_samples: int = 20,
+        every_n_steps: NonNegativeInt = 250,
+        num_samples: AtLeastTwo = 20,
         feature: str = "inception",
         weights: str | None = None,
-        subset_size: int = 1000,
-        subsets: int = 100,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
+        subset_size: AtLeastTwo = 1000,
+        subsets: Count = 100,
+        num_inference_steps: Count = 25,
+        guidance_scale: NonNegativeFinite = 7.5,
         scheduler: str = "dpm++",
-        batch_size: int = 10,
-        seed: int | None = None,
-        feature_batch_size: int = 32,
+        batch_size: Count = 10,
+        seed: Seed | None = None,
+        feature_batch_size: Count = 32,
         drift_prompts: list[str] = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table"],  # noqa: B006
     ) -> None:
         """

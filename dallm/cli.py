@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -10,6 +11,7 @@ import warnings
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dallm import preflight
 from dallm.callbacks import (
@@ -22,10 +24,20 @@ from dallm.callbacks import (
     best_checkpoint_callback,
     run_dir,
 )
+from dallm.contract import ContractRecord
 from dallm.data import DallmDataModule
 from dallm.errors import PARSER_KWARGS, error_boundary
 from dallm.module import DallmModule
-from dallm.resume import resolve_last_checkpoint  # noqa: F401 (public name of this module before)
+from dallm.ranges import Count, Seed, plain_numbers
+from dallm.resume import (  # noqa: F401 (resolve_last_checkpoint: public name of this module before)
+    SIGTERM_EXIT,
+    SigtermCheckpoint,
+    lock_run,
+    release_runs,
+    resolve_last_checkpoint,
+    sigterm_message,
+)
+from dallm.trainer import DallmTrainer
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -60,12 +72,26 @@ COMMANDS = {
 class DallmCLI(LightningCLI):
     """LightningCLI with dallm's links, forced callbacks and resume-in-place."""
 
+    def __init__(self, *args, trainer_class=DallmTrainer, **kwargs) -> None:
+        # DallmTrainer: Lightning's Trainer with the range of each numeric flag in its type.
+        super().__init__(*args, trainer_class=trainer_class, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
         }
+
+    def add_default_arguments_to_parser(self, parser) -> None:
+        # Lightning's, with the seed's range (numpy's, which seed_everything enforces) in its type.
+        parser.add_argument(
+            "--seed_everything",
+            type=bool | Seed,
+            default=self.seed_everything_default,
+            help="The run's seed (0 .. 2^32-1): data order, noise, LoRA and token init, KID sampling seeds; "
+            "true: a random one (recorded in config.yaml); false: no seeding.",
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         # One source of truth: the base model and the prompt are set once, under --model / --data.
@@ -90,7 +116,7 @@ class DallmCLI(LightningCLI):
         parser.add_lightning_class_args(KIDCallback, "kid")
         parser.add_argument(
             "--early_stopping.patience",
-            type=int | None,
+            type=Count | None,
             default=None,
             help="Stop when kid/val has not improved for this many KID rounds (Lightning's EarlyStopping); "
             "null: never.",
@@ -116,6 +142,9 @@ class DallmCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        # Range-typed values (dallm.ranges) as plain numbers: hyperparameters go into checkpoints.
+        plain_numbers(cfg)
+        link_cosine_length(cfg)
         # Written back into the config, so config.yaml records the seeds the run actually used.
         for key in ("data.seed", "kid.seed"):
             if key in cfg:
@@ -136,6 +165,8 @@ class DallmCLI(LightningCLI):
             kwargs["callbacks"] = [*user, StepProgressBar()]
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
+            # What a resume must keep (dallm.contract), and a resumable last.ckpt on SIGTERM.
+            trainer.callbacks += [ContractRecord(), SigtermCheckpoint()]
             # Appended after the KID callback: its round at a step must run before they read kid/val.
             kid = cfg["kid"]
             trainer.callbacks.append(best_checkpoint(kid.every_n_steps if kid.enabled else 0))
@@ -145,6 +176,20 @@ class DallmCLI(LightningCLI):
                     raise ValueError("--early_stopping.patience needs KID rounds: set --kid.every_n_steps > 0")
                 trainer.callbacks.append(KIDEarlyStopping(patience))
         return trainer
+
+    def before_fit(self) -> None:
+        # One writer per run directory for the life of the fit (a resume locked it in preflight already).
+        lock_run(run_dir(self.trainer), "--trainer.logger")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            # Lightning ends a SIGTERMed run with SystemExit(None), exit status 0: it would read as finished.
+            if self.trainer.is_global_zero:
+                what = sigterm_message(self.trainer) if subcommand == "fit" else "dallm: stopped by SIGTERM"
+                print(what, file=sys.stderr, flush=True)
+            raise SystemExit(SIGTERM_EXIT) from None
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -187,11 +232,76 @@ def with_se(entry: dict, key: str) -> str:
     return f"{entry[key]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
 
 
+def link_cosine_length(cfg) -> None:
+    """A cosine schedule's T_max follows --trainer.max_steps: one source of truth for the run's length.
+
+    A T_max other than the run's length would stop the decay early or, past T_max, raise the rate again.
+    """
+    sched = cfg.get("model", {}).get("lr_scheduler") if cfg.get("model") else None
+    max_steps = cfg.get("trainer", {}).get("max_steps") if cfg.get("trainer") else None
+    if sched is None or not sched.get("class_path") or not isinstance(max_steps, int) or max_steps < 1:
+        return
+    from jsonargparse._util import import_object
+
+    try:
+        cls = import_object(sched.class_path)
+    except Exception:
+        return
+    if isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.CosineAnnealingLR):
+        if sched.init_args.get("T_max") != max_steps:
+            print(f"dallm: --model.lr_scheduler.init_args.T_max follows --trainer.max_steps: {max_steps}")
+        sched.init_args.T_max = max_steps
+
+
 def resolve_seed(override: int | None, seed_everything: int | bool | None) -> int:
     """A component's seed: its own override if given, else the run's --seed_everything (0 when that is off)."""
     if override is not None:
         return int(override)
     return seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else 0
+
+
+def cli_kwargs() -> dict:
+    """How `main` builds the CLI (`build_parser` builds the same parser without running)."""
+    return dict(
+        model_class=DallmModule,
+        datamodule_class=DallmDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        # A run is a function of its config: no random seed unless asked for (--seed_everything true).
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        # Argument errors raise (one line at the boundary) instead of printing the whole usage.
+        parser_kwargs={**PARSER_KWARGS, **{name: dict(PARSER_KWARGS) for name in DallmCLI.subcommands()}},
+    )
+
+
+class _Built(Exception):
+    """Raised by `_ParserOnly` with the parser it built: nothing is parsed, instantiated or run."""
+
+
+class _ParserOnly(DallmCLI):
+    def parse_arguments(self, parser, args) -> None:
+        raise _Built(parser)
+
+
+def build_parser():
+    """The `dallm fit|validate` parser exactly as `main` builds it (subcommands included), without running.
+
+    `dallm sweep` parses every run's flags with it before launching; tests enumerate its flags.
+    """
+    try:
+        _ParserOnly(**cli_kwargs(), args=[])
+    except _Built as built:
+        return built.args[0]
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _releasing_run_locks():
+    try:
+        yield
+    finally:
+        release_runs()
 
 
 def main(args: ArgsType = None) -> DallmCLI | None:
@@ -201,7 +311,7 @@ def main(args: ArgsType = None) -> DallmCLI | None:
     """
     argv = sys.argv[1:] if args is None else args
     command = argv[0] if isinstance(argv, (list, tuple)) and argv and isinstance(argv[0], str) else ""
-    with error_boundary(command):
+    with error_boundary(command), _releasing_run_locks():
         if command in COMMANDS:
             # Not a training command: no LightningCLI around it.
             module, func = COMMANDS[command].split(":")
@@ -210,18 +320,7 @@ def main(args: ArgsType = None) -> DallmCLI | None:
             preflight.check_config_files([str(a) for a in argv])
         # The frozen VAE/text encoder are in eval mode on purpose (see DallmModule.train).
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-        cli = DallmCLI(
-            DallmModule,
-            DallmDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
-            # A run is a function of its config: no random seed unless asked for (--seed_everything true).
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            # Argument errors raise (one line at the boundary) instead of printing the whole usage.
-            parser_kwargs={**PARSER_KWARGS, **{name: dict(PARSER_KWARGS) for name in DallmCLI.subcommands()}},
-            args=args,
-        )
+        cli = DallmCLI(**cli_kwargs(), args=args)
         # Lightning leaves the process group up; a gloo group still alive at interpreter exit can abort
         # the process ("terminate called without an active exception") after a run that succeeded.
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -20,6 +20,7 @@ from dallm.dataset import TeacherPriorDataset, collate
 from dallm.generate import fill_slots
 from dallm.images import list_images
 from dallm.manifest import lock_directory, manifest_path, read_manifest, remove_stale_temp_files, slot_name
+from dallm.ranges import Count, NonNegativeFinite, NonNegativeInt, Resolution, Seed
 from dallm.stream import StepDataLoader, StepSampler
 from dallm.teacher_dir import DirFlags, Slot, scan
 
@@ -44,21 +45,21 @@ class DallmDataModule(pl.LightningDataModule):
         self,
         teacher_dir: str,
         instance_prompt: str = "a realistic painting of a cat in baroque art style like <s1><s2>",
-        num_teacher_images: int | None = None,
+        num_teacher_images: Count | None = None,
         val_teacher_dir: str | None = None,
-        num_val_images: int = 0,
+        num_val_images: NonNegativeInt = 0,
         class_prompt: str | None = None,
         prior_dir: str | None = None,
-        num_prior_images: int = 100,
-        prior_generation_steps: int = 25,
-        prior_guidance_scale: float = 7.5,
-        prior_batch_size: int = 4,
-        resolution: int = 512,
+        num_prior_images: Count = 100,
+        prior_generation_steps: Count = 25,
+        prior_guidance_scale: NonNegativeFinite = 7.5,
+        prior_batch_size: Count = 4,
+        resolution: Resolution = 512,
         center_crop: bool = True,
         random_flip: bool = False,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        seed: int | None = 0,
+        batch_size: Count = 1,
+        num_workers: NonNegativeInt = 0,
+        seed: Seed | None = 0,
         pretrained_model_name_or_path: str = "",
         revision: str | None = None,
         variant: str | None = None,
@@ -223,7 +224,9 @@ class DallmDataModule(pl.LightningDataModule):
         hp = self.hparams
         prior_dir = Path(hp.prior_dir)
         self._check_prior_dir_writable(prior_dir)
-        with lock_directory(prior_dir):  # released on return, and by the OS if the process is killed
+        # Released on return, and by the OS if the process is killed; a parallel run of a sweep sharing
+        # the class images waits for the one filling them, then finds them present.
+        with lock_directory(prior_dir, wait=True):
             remove_stale_temp_files(prior_dir)
             self._fill_prior_dir(prior_dir)
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import torch
-
 from dallm.errors import PARSER_KWARGS, DallmError
 from dallm.formats import check_formats, run_name, write_exports, write_trained
+from dallm.resume import load_checkpoint, newest_readable, readable
 from dallm.trained import from_lora_dir, resolve_lora_dir
 from dallm.trigger import check_trigger_name
 
@@ -19,22 +18,30 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
     """("checkpoint", file) or ("lora", export dir) for SOURCE.
 
     A file is a checkpoint; a directory with dallm.json an export (`lora/last`, `lora/best`, `lora/step=N`);
-    a run dir means its `checkpoints/best.ckpt`, else `last.ckpt`, else its `lora/best`, else `lora/last`.
+    a run dir means its `checkpoints/best.ckpt`, else its newest readable checkpoint (last.ckpt, or a newer
+    or readable step=*.ckpt when last.ckpt is older, truncated or missing: as `fit --ckpt_path last`
+    resumes), else its `lora/best`, else `lora/last`.
     """
     source = Path(source)
     if source.is_file():
         return "checkpoint", source
     if (source / "dallm.json").is_file():
         return "lora", source
-    for name in ("best.ckpt", "last.ckpt"):
-        if (source / "checkpoints" / name).is_file():
-            return "checkpoint", source / "checkpoints" / name
+    best = source / "checkpoints" / "best.ckpt"
+    if best.is_file() and readable(best):
+        return "checkpoint", best
+    found, notes = newest_readable(source / "checkpoints")
+    for note in notes:
+        print(f"dallm export: {note}" + (f"; using {found}" if found else ""))
+    if found is not None:
+        return "checkpoint", found
     try:
         return "lora", resolve_lora_dir(source, "SOURCE")
     except FileNotFoundError:
+        why = "; ".join(notes) or "no checkpoints/best.ckpt, last.ckpt or step=*.ckpt"
         raise FileNotFoundError(
-            f"SOURCE {source}: not a checkpoint file, an export dir (with dallm.json), nor a run dir with "
-            "checkpoints/best|last.ckpt or lora/best|last"
+            f"SOURCE {source}: not a checkpoint file, an export dir (with dallm.json), nor a run dir with a "
+            f"readable checkpoint ({why}) or lora/best|last"
         ) from None
 
 
@@ -98,7 +105,7 @@ def export(
             trained.info["base_model"] = base
     else:
         run_dir = path.resolve().parent.parent
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(path, "SOURCE")  # weights_only; an unreadable file is named
         run = dict(callback_state(checkpoint, "LoraExport").get("run_info") or {"name": run_name(run_dir)})
         history = callback_state(checkpoint, "KIDCallback").get("history", [])
         step = int(checkpoint["global_step"])

@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from dallm.images import list_images, to_rgb
+from dallm.images import MAX_IMAGE_PIXELS, check_image_size, list_images, to_rgb
 
 FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
 
@@ -47,7 +47,8 @@ INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
 INCEPTION_ENV = "DALLM_INCEPTION_WEIGHTS"
 INCEPTION_SIZE = 299
 
-MAX_PIXELS = 2**27  # decoded pixels of one image (~11600², 400 MB as RGB): above, a file is refused
+# Decoded pixels of one image: above, a file is refused. One limit for `dallm kid` and training (40 Mpx).
+MAX_PIXELS = MAX_IMAGE_PIXELS
 DRAFT_PIXELS = 2**24  # JPEGs above 16 Mpx are decoded at a reduced DCT scale (still >= the input size)
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
 
@@ -101,11 +102,7 @@ def decode_for(path: str | Path, size: tuple[int, int] | None = None, crop: bool
                 if im.format == "JPEG" and im.width * im.height > DRAFT_PIXELS and stored is not None:
                     side = min(stored) if crop else None
                     im.draft("RGB", (side, side) if crop else (stored[1], stored[0]))
-                if im.width * im.height > MAX_PIXELS:
-                    raise ValueError(
-                        f"{path}: {im.width}x{im.height} image has more than {MAX_PIXELS} pixels; "
-                        "refusing to decode it (shrink it first)"
-                    )
+                check_image_size(path, im.size, MAX_PIXELS)  # the same limit and words as training
                 im.load()
                 fx, fy = _reduce_factors(im.width, im.height, stored, crop)
                 if (fx, fy) != (1, 1):
@@ -331,6 +328,22 @@ def _import_callable(target: str) -> Any:
     if not callable(obj):
         raise ValueError(f"--feature module:{target}: {attr} is not callable")
     return obj
+
+
+def check_feature_spec(spec: str, weights: str | None = None) -> None:
+    """Refuse what `build_feature_extractor` would refuse, without building a network or reading weights.
+
+    The form of `spec`, a `module:` callable's import, and a given weights file's existence.
+    """
+    if weights is not None and spec != "inception":
+        raise ValueError(f"--weights is only for --feature inception, not {spec}")
+    if spec == "inception":
+        if weights is not None and not Path(weights).is_file():
+            raise ValueError(f"--weights {weights}: no such file")
+    elif spec.startswith("module:") and spec[7:]:
+        _import_callable(spec[7:])
+    elif not (spec == "toy" or (spec.startswith("clip:") and spec[5:])):
+        raise ValueError(f"--feature: unknown feature {spec!r}; valid forms: {FEATURE_FORMS}")
 
 
 def build_feature_extractor(spec: str, weights: str | None = None, device: str = "cpu") -> FeatureExtractor:

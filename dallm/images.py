@@ -19,16 +19,18 @@ from dallm.manifest import IMAGE_EXTENSIONS
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-def check_image_size(path: str | Path, size: tuple[int, int]) -> None:
-    """Refuse an image larger than MAX_IMAGE_PIXELS from its header size, before decoding it.
+def check_image_size(path: str | Path, size: tuple[int, int], limit: int | None = None) -> None:
+    """Refuse an image larger than MAX_IMAGE_PIXELS (or `limit`) from its header size, before decoding it.
 
-    Called by `load_rgb` between `Image.open` (which reads only the header) and `im.load()`.
+    Called by `load_rgb` between `Image.open` (which reads only the header) and `im.load()`, by
+    `dallm.features.decode_for` (`dallm kid`, KID rounds) and by preflight for the teacher images.
     """
     width, height = size
-    if width * height > MAX_IMAGE_PIXELS:
+    limit = MAX_IMAGE_PIXELS if limit is None else limit
+    if width * height > limit:
         raise DallmError(
             f"{path}: image is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than dallm "
-            f"decodes ({MAX_IMAGE_PIXELS / 1e6:.0f}); downscale it (training uses at most ~1024 px)"
+            f"decodes ({limit / 1e6:.0f}); downscale it (training uses at most ~1024 px)"
         )
 
 

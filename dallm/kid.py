@@ -14,6 +14,7 @@ import torch
 
 from dallm.errors import PARSER_KWARGS
 from dallm.metrics import build_feature_extractor, check_kid_dirs, kid_of_dirs, relative_kid_of_dirs
+from dallm.ranges import AtLeastTwo, Count, Seed
 
 
 def kid(
@@ -22,10 +23,10 @@ def kid(
     fake_b_dir: str | None = None,
     feature: str = "inception",
     weights: str | None = None,
-    subset_size: int = 1000,
-    subsets: int = 100,
-    seed: int = 0,
-    batch_size: int = 32,
+    subset_size: AtLeastTwo = 1000,
+    subsets: Count = 100,
+    seed: Seed = 0,
+    batch_size: Count = 32,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """KID between image folders; prints one JSON object on stdout, progress on stderr.
@@ -53,13 +54,6 @@ def kid(
     Returns:
         The JSON object printed: KIDResult's fields (or RelativeKIDResult's) and "feature".
     """
-    for flag, value, low in (
-        ("subsets", subsets, 1),
-        ("batch_size", batch_size, 1),
-        ("subset_size", subset_size, 2),
-    ):
-        if value < low:
-            raise ValueError(f"--{flag} must be >= {low}, got {value}")
     try:
         dev = torch.device(device)
     except RuntimeError as err:

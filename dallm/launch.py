@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dallm.ranges import Count, NonNegativeInt
+
 RECORD = "sweep_run.json"  # in each run directory: flags, status, exit code, log, job id
 
 
@@ -19,12 +21,12 @@ class SlurmOptions:
     """Resources of each submitit job (SLURM when available, `cluster` decides otherwise)."""
 
     partition: str | None = None
-    time: int = 60
-    gpus_per_node: int = 1
-    tasks_per_node: int = 1
-    nodes: int = 1
-    cpus_per_task: int = 8
-    mem_gb: int | None = None
+    time: Count = 60
+    gpus_per_node: NonNegativeInt = 1
+    tasks_per_node: Count = 1
+    nodes: Count = 1
+    cpus_per_task: Count = 8
+    mem_gb: Count | None = None
     account: str | None = None
     constraint: str | None = None
     additional: dict[str, Any] = field(default_factory=dict)
@@ -159,9 +161,21 @@ def launch_local(
     return codes
 
 
+# Exit statuses of a run stopped by a signal (SIGTERM: dallm fit saved last.ckpt and exits 143; SIGINT: 130;
+# or killed by one before its handler was set): not done, resumed by the next `dallm sweep`.
+INTERRUPTED = {143, 130, -15, -2, -9, 137}
+
+
+def status_of(code: int) -> str:
+    """A run's record status from its exit status: done, interrupted (resumable) or failed."""
+    return "done" if code == 0 else "interrupted" if code in INTERRUPTED else "failed"
+
+
 def finish(run: Run, run_dir: Path, code: int) -> None:
-    write_record(run_dir, status="done" if code == 0 else "failed", returncode=code)
-    print(f"dallm sweep: {run.name} {'finished' if code == 0 else f'FAILED (exit {code})'}", flush=True)
+    status = status_of(code)
+    write_record(run_dir, status=status, returncode=code)
+    what = {"done": "finished", "interrupted": f"interrupted (exit {code}; the same sweep resumes it)"}
+    print(f"dallm sweep: {run.name} {what.get(status, f'FAILED (exit {code})')}", flush=True)
 
 
 class FitJob:
@@ -187,7 +201,7 @@ class FitJob:
         except SystemExit as err:  # dallm's one-line errors
             code = err.code if isinstance(err.code, int) else 1
         if rank0:
-            write_record(run_dir, status="done" if code == 0 else "failed", returncode=code)
+            write_record(run_dir, status=status_of(code), returncode=code)
         if code != 0:
             raise RuntimeError(f"dallm fit failed (exit {code}): see {run_dir / RECORD}")
         return code

@@ -93,10 +93,22 @@ def append_manifest(directory: str | Path, record: dict[str, Any]) -> None:
     if path.exists():
         _drop_partial_tail(path)
     line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        if err.filename is None:
+            raise with_path(err, path) from err
+        raise
+
+
+def with_path(err: OSError, path: Path) -> OSError:
+    """`err` naming the file it was writing: a full disk says only "[Errno 28] No space left on device"."""
+    if not isinstance(err, OSError) or err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -142,8 +154,10 @@ def save_bytes_atomic(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            raise with_path(err, path) from err
         raise
     _fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()
@@ -190,15 +204,16 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
 
 
 @contextmanager
-def lock_directory(directory: str | Path) -> Iterator[None]:
+def lock_directory(directory: str | Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `directory/.lock` for the `with` block (`filelock`).
 
     Two runs filling the same directory would request the same missing images twice and interleave
     manifest lines. The lock is an OS lock (flock on POSIX, msvcrt on Windows): it is released when the
-    process dies, even by SIGKILL, so no stale lock survives a crash.
+    process dies, even by SIGKILL, so no stale lock survives a crash. `wait`: when another process holds
+    it, say so and wait for it (runs of a sweep sharing class images), instead of refusing.
 
     Raises:
-        RuntimeError: if another process holds the lock (no waiting: the user should know).
+        RuntimeError: if another process holds the lock and `wait` is false (the user should know).
     """
     from filelock import FileLock, Timeout
 
@@ -207,9 +222,12 @@ def lock_directory(directory: str | Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout as err:
-        raise RuntimeError(
-            f"{directory} is being filled by another running process ({path} is locked)"
-        ) from err
+        if not wait:
+            raise RuntimeError(
+                f"{directory} is being filled by another running process ({path} is locked)"
+            ) from err
+        print(f"dallm: {directory} is being filled by another process; waiting for it ({path})", flush=True)
+        lock.acquire(timeout=-1)  # released when that process ends, however it ends
     try:
         yield
     finally:

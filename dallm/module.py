@@ -15,6 +15,7 @@ from dallm.cache import LatentCache, vae_identity
 from dallm.errors import DallmError
 from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
 from dallm.objective import check_hold_arguments
+from dallm.ranges import Count, NonNegativeFinite, PositiveFinite, Seed, UnitIntervalOpenRight
 
 
 class DivergedError(DallmError, FloatingPointError):
@@ -51,30 +52,30 @@ class DallmModule(pl.LightningModule):
         pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
-        rank: int = 4,
-        alpha: float | None = None,
-        lora_dropout: float = 0.0,
+        rank: Count = 4,
+        alpha: PositiveFinite | None = None,
+        lora_dropout: UnitIntervalOpenRight = 0.0,
         target_modules: list[str] = DEFAULT_UNET_TARGETS,
         train_text_encoder: bool = False,
         text_encoder_target_modules: list[str] = DEFAULT_TEXT_ENCODER_TARGETS,
         placeholder_tokens: list[str] = ["<s1>", "<s2>"],  # noqa: B006 (jsonargparse needs a literal default)
         initializer_token: str | None = "painting",
-        token_lr: float = 1e-3,
+        token_lr: PositiveFinite = 1e-3,
         instance_prompt: str = "a realistic painting of a cat in baroque art style like <s1><s2>",
-        prior_loss_weight: float = 1.0,
-        uncond_loss_weight: float = 0.0,
+        prior_loss_weight: NonNegativeFinite = 1.0,
+        uncond_loss_weight: NonNegativeFinite = 0.0,
         class_prompt: str | None = None,
-        hold_weight: float = 0.0,
+        hold_weight: NonNegativeFinite = 0.0,
         hold_prompts: list[str] = [],  # noqa: B006 (jsonargparse needs a literal default)
         hold_latents: str = "all",
         uncond_latents: str = "all",
-        instance_guidance_scale: float = 1.0,
+        instance_guidance_scale: PositiveFinite = 1.0,
         instance_guidance_anchor: str = "empty",
-        ema_decay: float = 0.0,
-        snr_gamma: float | None = None,
-        noise_offset: float = 0.0,
+        ema_decay: UnitIntervalOpenRight = 0.0,
+        snr_gamma: PositiveFinite | None = None,
+        noise_offset: NonNegativeFinite = 0.0,
         use_dora: bool = False,
-        seed: int = 0,
+        seed: Seed = 0,
         cache_latents: bool = True,
         cache_dir: str | None = None,
         gradient_checkpointing: bool = False,

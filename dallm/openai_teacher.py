@@ -14,6 +14,11 @@ What happens on each kind of failure:
 | 429 `insufficient_quota`, 401, 403, 404, other 4xx | stop at once (no request after it would succeed) |
 | 400 `content_policy_violation` / `moderation_blocked` | refusal: recorded in the manifest, counted, retried until --max_refusals |
 | 200 with malformed JSON or base64 | error naming the request id; its good images and all others are kept |
+| 200 with `url` items instead of `b64_json` | each image downloaded (it is paid for), without the key |
+
+Each image's manifest record is also inside its PNG (`dallm.openai_images.with_record`), written in the
+same atomic step: a kill between the file and its manifest line costs nothing, the next run adopts it.
+Nothing is paid twice except the requests in flight at a kill.
 
 The key is given to the SDK and nothing else: it is not a flag, not recorded, and `redact` strips it
 from every message that could echo it (a proxy's error body, for instance).
@@ -21,11 +26,7 @@ from every message that could echo it (a proxy's error body, for instance).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
-import io
-import json
 import math
 import random
 import sys
@@ -37,163 +38,33 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 from dallm.manifest import append_manifest, save_bytes_atomic, utc_from_unix, utc_now
-from dallm.teacher_dir import Slot
 
-# USD per image from https://openai.com/api/pricing, as listed on this date. gpt-image-1 is billed by
-# tokens; these are OpenAI's own per-image figures for its square and portrait/landscape sizes.
-PRICES_DATE = "2025-04-23"
-PRICES_SOURCE = "openai.com/api/pricing"
+# The model table and the response decoding were part of this module; their names stay importable here.
+from dallm.openai_images import (  # noqa: F401
+    DecodedImage,
+    MalformedResponse,
+    decode_response,
+    url_downloader,
+    with_record,
+)
+from dallm.openai_models import (  # noqa: F401
+    MODELS,
+    PRICES_DATE,
+    PRICES_SOURCE,
+    ImageModel,
+    OpenAIRequest,
+    batches,
+    count_requests,
+    resolve_request,
+)
+from dallm.teacher_dir import Slot
 
 REFUSAL_CODES = ("content_policy_violation", "moderation_blocked")
 # A 429 with this code is an empty prepaid balance or a hard limit: waiting does not help.
 FATAL_429_CODES = ("insufficient_quota", "billing_hard_limit_reached")
 RETRY_STATUS = (408, 409, 429)
 BACKOFF_START_S = 1.0
-
-
-@dataclass(frozen=True)
-class ImageModel:
-    """What one Images API model accepts, and its prices keyed by (quality, size)."""
-
-    name: str
-    max_per_request: int
-    sizes: tuple[str, ...]
-    default_size: str
-    prices: Mapping[tuple[str | None, str], float]
-    qualities: tuple[str, ...] = ()
-    default_quality: str | None = None
-    styles: tuple[str, ...] = ()
-    default_style: str | None = None
-    # gpt-image-1 always answers with b64_json and rejects the response_format parameter.
-    sends_response_format: bool = True
-
-
-def _gpt_image_prices() -> dict[tuple[str | None, str], float]:
-    per_quality = {"low": (0.011, 0.016), "medium": (0.042, 0.063), "high": (0.167, 0.25)}
-    out: dict[tuple[str | None, str], float] = {}
-    for quality, (square, oblong) in per_quality.items():
-        out[(quality, "1024x1024")] = square
-        out[(quality, "1536x1024")] = out[(quality, "1024x1536")] = oblong
-    return out
-
-
-MODELS: dict[str, ImageModel] = {
-    "dall-e-2": ImageModel(
-        "dall-e-2",
-        max_per_request=10,
-        sizes=("256x256", "512x512", "1024x1024"),
-        default_size="512x512",
-        prices={(None, "256x256"): 0.016, (None, "512x512"): 0.018, (None, "1024x1024"): 0.020},
-    ),
-    "dall-e-3": ImageModel(
-        "dall-e-3",
-        max_per_request=1,
-        sizes=("1024x1024", "1792x1024", "1024x1792"),
-        default_size="1024x1024",
-        prices={
-            ("standard", "1024x1024"): 0.040,
-            ("standard", "1792x1024"): 0.080,
-            ("standard", "1024x1792"): 0.080,
-            ("hd", "1024x1024"): 0.080,
-            ("hd", "1792x1024"): 0.120,
-            ("hd", "1024x1792"): 0.120,
-        },
-        qualities=("standard", "hd"),
-        default_quality="standard",
-        styles=("vivid", "natural"),
-        default_style="vivid",
-    ),
-    "gpt-image-1": ImageModel(
-        "gpt-image-1",
-        max_per_request=10,
-        sizes=("1024x1024", "1536x1024", "1024x1536", "auto"),
-        default_size="1024x1024",
-        prices=_gpt_image_prices(),
-        qualities=("low", "medium", "high", "auto"),
-        default_quality="auto",
-        sends_response_format=False,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class OpenAIRequest:
-    """One resolved image request: model, prompt and the options that model has."""
-
-    model: str
-    prompt: str
-    size: str
-    quality: str | None
-    style: str | None
-
-    @property
-    def spec(self) -> ImageModel:
-        return MODELS[self.model]
-
-    def params(self, n: int) -> dict[str, Any]:
-        """Keyword arguments of `client.images.generate` for n images."""
-        params: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "n": n, "size": self.size}
-        if self.quality is not None:
-            params["quality"] = self.quality
-        if self.style is not None:
-            params["style"] = self.style
-        if self.spec.sends_response_format:
-            params["response_format"] = "b64_json"
-        return params
-
-    def settings(self) -> dict[str, Any]:
-        """The manifest fields that must be equal for images to share a directory."""
-        return {
-            "backend": "openai",
-            "model": self.model,
-            "prompt": self.prompt,
-            "size": self.size,
-            "quality": self.quality,
-            "style": self.style,
-        }
-
-    def price(self) -> tuple[float, str]:
-        """(USD per image, a note saying where the number comes from) from the dated price table."""
-        prices = self.spec.prices
-        matching = [
-            usd
-            for (quality, size), usd in prices.items()
-            if self.quality in (quality, "auto") and self.size in (size, "auto")
-        ]
-        usd = max(matching)
-        bound = "upper bound for 'auto', " if len(matching) > 1 else ""
-        return usd, f"${usd:.3f}/image, {bound}OpenAI prices of {PRICES_DATE}, check {PRICES_SOURCE}"
-
-
-def resolve_request(
-    model: str, prompt: str, size: str | None, quality: str | None, style: str | None
-) -> OpenAIRequest:
-    """Validate --model/--size/--quality/--style for the Images API and fill in each model's defaults."""
-    spec = MODELS.get(model)
-    if spec is None:
-        raise ValueError(f"--model {model!r} is not an OpenAI image model dallm knows: {', '.join(MODELS)}")
-    size = size or spec.default_size
-    if size not in spec.sizes:
-        raise ValueError(f"--size {size} is not offered by {model}: {', '.join(spec.sizes)}")
-    for flag, value, allowed in (("quality", quality, spec.qualities), ("style", style, spec.styles)):
-        if value is not None and not allowed:
-            raise ValueError(f"--{flag} does not apply to {model}")
-        if value is not None and value not in allowed:
-            raise ValueError(f"--{flag} {value} is not offered by {model}: {', '.join(allowed)}")
-    return OpenAIRequest(model, prompt, size, quality or spec.default_quality, style or spec.default_style)
-
-
-def count_requests(images: int, per_request: int) -> int:
-    """Requests needed for `images` images at up to `per_request` a request."""
-    return -(-images // per_request)
-
-
-def batches(slots: list[Slot], per_request: int) -> list[list[Slot]]:
-    """The slots to fill, in order, cut into requests of up to `per_request` images."""
-    return [slots[i : i + per_request] for i in range(0, len(slots), per_request)]
 
 
 def redact(text: str, key: str) -> str:
@@ -228,74 +99,6 @@ def backoff_seconds(attempt: int, max_backoff: float, rng: random.Random) -> flo
     return min(max_backoff, BACKOFF_START_S * 2.0 ** min(attempt, 30)) * (0.5 + 0.5 * rng.random())
 
 
-# ----------------------------------------------------------------------------------- responses
-
-
-class MalformedResponse(ValueError):
-    """A 200 response whose body is not the Images API's JSON."""
-
-
-@dataclass
-class DecodedImage:
-    """One image of a response: PNG bytes as they will be stored, and what the API said about it."""
-
-    png: bytes
-    size: str
-    revised_prompt: str | None
-
-
-def _decode_item(item: Any) -> DecodedImage:
-    if not isinstance(item, dict) or not isinstance(item.get("b64_json"), str):
-        raise ValueError("no b64_json field")
-    try:
-        raw = base64.b64decode(item["b64_json"], validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"invalid base64 ({err})") from err
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            fmt, size = im.format, f"{im.width}x{im.height}"
-            if fmt != "PNG":  # e.g. a proxy answering JPEG: store PNG like every other image
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")
-                raw = buf.getvalue()
-    except Exception as err:  # PIL raises many types for garbage bytes
-        raise ValueError(f"base64 decodes to no image ({err})") from err
-    revised = item.get("revised_prompt")
-    return DecodedImage(raw, size, revised if isinstance(revised, str) else None)
-
-
-def decode_response(
-    body: bytes, request_id: str | None, expected_size: str | None = None
-) -> tuple[int | None, list[DecodedImage | str]]:
-    """(created, one DecodedImage or an error message per returned image) of an Images API body.
-
-    An image whose size is not `expected_size` ("WxH"; None or "auto": any) is malformed like a broken
-    one: a 32x32 answer to a 512x512 request would train at another resolution without a word.
-
-    Raises:
-        MalformedResponse: naming the request id, when the body is not JSON with a "data" list.
-    """
-    try:
-        payload = json.loads(body)
-    except ValueError as err:
-        raise MalformedResponse(f"request {request_id}: malformed response, not JSON ({err})") from err
-    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        raise MalformedResponse(f"request {request_id}: malformed response, no 'data' list")
-    created = payload.get("created")
-    items: list[DecodedImage | str] = []
-    for k, item in enumerate(payload["data"]):
-        try:
-            decoded = _decode_item(item)
-            if expected_size not in (None, "auto") and decoded.size != expected_size:
-                raise ValueError(f"it is {decoded.size}, not the requested {expected_size}")
-            items.append(decoded)
-        except ValueError as err:
-            items.append(f"request {request_id}: image {k} of the response is malformed: {err}")
-    return (int(created) if isinstance(created, int | float) else None), items
-
-
-# ----------------------------------------------------------------------------------------- runner
 
 
 class _Gate:
@@ -370,12 +173,14 @@ class _Fetcher:
         max_backoff: float,
         stop: threading.Event,
         say: Callable[[str], None],
+        timeout: float = 300.0,
     ) -> None:
         self.client, self.request, self.key = client, request, key
         self.max_retries, self.max_backoff = max_retries, max_backoff
         self.stop, self.say = stop, say
         self.gate = _Gate()
         self.rng = random.Random()
+        self.download = url_downloader(timeout)
 
     def fetch(self, slots: list[Slot]) -> Outcome:
         import openai
@@ -410,7 +215,9 @@ class _Fetcher:
             else:
                 out.request_id = raw.headers.get("x-request-id")
                 try:
-                    out.created, out.images = decode_response(raw.content, out.request_id, self.request.size)
+                    out.created, out.images = decode_response(
+                        raw.content, out.request_id, self.request.size, self.download
+                    )
                 except MalformedResponse as err:
                     out.failed = redact(str(err), self.key)
                 return out
@@ -454,7 +261,14 @@ def run_openai(
     client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
     stop = threading.Event()
     fetcher = _Fetcher(
-        client, request, key=key, max_retries=max_retries, max_backoff=max_backoff, stop=stop, say=say
+        client,
+        request,
+        key=key,
+        max_retries=max_retries,
+        max_backoff=max_backoff,
+        stop=stop,
+        say=say,
+        timeout=timeout,
     )
     stats = RunStats()
     pending = deque(batches(slots, request.spec.max_per_request))
@@ -496,7 +310,8 @@ def run_openai(
 
 
 def _save(request: OpenAIRequest, outcome: Outcome, stats: RunStats, say: Callable[[str], None]) -> int:
-    """Write the decoded images of one outcome (file, then manifest line); report the rest. Main thread only."""
+    """Write the decoded images of one outcome (file with its record, then the manifest line); report the
+    rest. Main thread only."""
     created = utc_from_unix(outcome.created) if outcome.created is not None else utc_now()
     common = request.settings()
     if outcome.refusal is not None:
@@ -518,17 +333,18 @@ def _save(request: OpenAIRequest, outcome: Outcome, stats: RunStats, say: Callab
             stats.failures.append(item)
             continue
         slot.directory.mkdir(parents=True, exist_ok=True)
-        sha = save_bytes_atomic(item.png, slot.path)
         record = {
             "file": slot.path.name,
-            "sha256": sha,
             **common,
             "revised_prompt": item.revised_prompt,
             "image_size": item.size,
             "request_id": outcome.request_id,
             "created": created,
         }
-        append_manifest(slot.directory, record)
+        # The record travels inside the PNG, written in one atomic step with it: a kill before the manifest
+        # line leaves an image the next run adopts (teacher.adopt_unrecorded) instead of paying for it again.
+        sha = save_bytes_atomic(with_record(item.png, record), slot.path)
+        append_manifest(slot.directory, {**record, "sha256": sha})
         saved += 1
     if outcome.images and len(outcome.images) < len(outcome.slots):
         problem = (

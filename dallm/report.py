@@ -417,7 +417,9 @@ def report_main(argv: list[str]) -> int:
     """`python -m dallm report SWEEP_DIR [--out report.md] ...` (see `report`); bad input: exit 2."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="dallm report", description=report.__doc__.split("\n\n")[0])
+    from dallm.errors import PARSER_KWARGS
+
+    parser = ArgumentParser(prog="dallm report", description=report.__doc__.split("\n\n")[0], **PARSER_KWARGS)
     parser.add_function_arguments(report, as_group=False, as_positional=True)
     cfg = parser.parse_args(argv)
     try:

@@ -1,79 +1,33 @@
-"""Resume contract: a resumed run trains exactly what its checkpoint holds, or is refused before any write.
+"""Resuming: which checkpoint, written how, by whom, and what SIGTERM leaves to resume from.
 
 `--ckpt_path last` finds the newest run of the logger name (falling back to its newest readable
 `step=*.ckpt` when `last.ckpt` is missing, empty or truncated); the checkpoint is read with
-`weights_only=True` (no code runs from it); flags that change the model's shape or meaning must equal the
-checkpoint's, and flags that may change (max_steps, KID cadence, logging, ...) are honoured and printed.
+`weights_only=True` (no code runs from it) and written atomically (`AtomicCheckpointIO`). One process at a
+time writes a run directory (`lock_run`); SIGTERM saves a resumable `last.ckpt` (`SigtermCheckpoint`).
+Which flags must equal the checkpoint's is `dallm.contract`.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
+import signal
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dallm.errors import DallmError
 from dallm.manifest import save_bytes_atomic
-
-# Flags whose value is part of what a checkpoint *is*: hparams Lightning stores in the checkpoint.
-# A resume with another value would train something else (or crash on a shape mismatch), so it is refused.
-MODEL_CONTRACT = (
-    "pretrained_model_name_or_path",
-    "revision",
-    "variant",
-    "rank",
-    "alpha",
-    "lora_dropout",
-    "target_modules",
-    "train_text_encoder",
-    "text_encoder_target_modules",
-    "placeholder_tokens",
-    "initializer_token",
-    "token_lr",
-    "prior_loss_weight",
-    "uncond_loss_weight",
-    "hold_weight",
-    "hold_prompts",
-    "hold_latents",
-    "uncond_latents",
-    "instance_guidance_scale",
-    "instance_guidance_anchor",
-    "ema_decay",
-    "snr_gamma",
-)  # instance_prompt, class_prompt and seed are linked from --data.*, compared there
-DATA_CONTRACT = (
-    "teacher_dir",
-    "num_teacher_images",
-    "num_val_images",
-    "instance_prompt",
-    "class_prompt",
-    "num_prior_images",
-    "resolution",
-    "center_crop",
-    "random_flip",
-    "batch_size",
-    "seed",
-)
-# The optimizer's own settings are restored from the checkpoint's optimizer state, so a changed value
-# would be silently ignored: compared against the LoRA param group (initial_lr: before any schedule).
-OPTIMIZER_CONTRACT = ("lr", "weight_decay", "betas", "eps")
-# Flags that may change on resume; a change is honoured (config.yaml records it) and printed.
-MAY_CHANGE = (
-    "trainer.max_steps",
-    "trainer.val_check_interval",
-    "trainer.log_every_n_steps",
-    "checkpoint.every_n_train_steps",
-    "kid.every_n_steps",
-    "kid.num_samples",
-)
 
 _STEP_CKPT = re.compile(r"step=(\d+)\.ckpt")
 
@@ -96,7 +50,9 @@ def _test_hold(path: Path) -> str | None:
 
 def _hold_forever(path: Path) -> None:
     (path.parent / f".{path.name}.held").touch()
-    time.sleep(3600)
+    # Until the test's signal: SIGKILL ends the process here; a handled one (SIGTERM, to which Lightning's
+    # handler answers) lets the write finish, as a signal arriving at this moment would.
+    signal.pause() if hasattr(signal, "pause") else time.sleep(3600)
 
 
 def _write_in_halves(path: Path):
@@ -280,110 +236,124 @@ def resolve_last_checkpoint(cfg) -> list[Path]:
     )
 
 
-def _plain(value: Any) -> Any:
-    """Config values as plain comparable data (Namespaces -> dicts, tuples -> lists)."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def resumed_run(cfg) -> Path | None:
+    """The run directory a `fit --ckpt_path` continues in place (TensorBoard logger with a version), or None."""
+    logger = cfg.trainer.get("logger") if cfg.get("trainer") else None
+    init = getattr(logger, "init_args", None)
+    if not cfg.get("ckpt_path") or init is None or init.get("version") is None:
+        return None
+    version = init.version if isinstance(init.version, str) else f"version_{init.version}"
+    return Path(init.get("save_dir") or "lightning_logs") / (init.get("name") or "") / version
 
 
-def _get(cfg, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if node is None:
-            return None
-        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
-    return _plain(node)
+# ---------------------------------------------------------------------------------- one writer per run
+
+LOCK_NAME = ".lock"  # as the teacher and class-image directories (dallm.manifest.lock_directory)
+HOLDER_NAME = ".lock.holder"  # who holds it: pid, host, start time, command (for the refusal message)
+_held: dict[Path, Any] = {}
 
 
-# What the weights themselves are: all that `validate` needs to match (it scores, it does not train).
-SHAPE_CONTRACT = (
-    "pretrained_model_name_or_path",
-    "revision",
-    "variant",
-    "rank",
-    "alpha",
-    "target_modules",
-    "train_text_encoder",
-    "text_encoder_target_modules",
-    "placeholder_tokens",
-)
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0 (from the launcher's environment, before any process group)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
-# Scheduler arguments that are its position, not its settings (jsonargparse fills them with defaults).
-SCHEDULER_STATE = {"last_epoch", "verbose"}
+def lock_run(run_dir: str | Path, flag: str) -> None:
+    """Hold `run_dir`'s lock until `release_runs()` (or the process ends, even by SIGKILL: an OS lock).
 
-
-def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True) -> list[str]:
-    """`--flag checkpoint-value vs given-value` for every contract flag that differs from the checkpoint.
-
-    `training=False` (validate) compares only the flags that define the weights (SHAPE_CONTRACT).
+    Two fits writing one run directory (two `--ckpt_path last` at once) would interleave checkpoints,
+    `last-v1.ckpt`, events and exports; the second is refused in one line naming the holder, before it
+    writes anything. Only global rank 0 locks (the other ranks of a DDP run write nothing there).
     """
-    diffs = []
-    hp = ckpt.get("hyper_parameters") or {}
-    for key in MODEL_CONTRACT if training else SHAPE_CONTRACT:
-        if key in hp and _plain(hp[key]) != _get(cfg, f"model.{key}"):
-            diffs.append(f"--model.{key} {_plain(hp[key])!r} vs {_get(cfg, f'model.{key}')!r}")
-    if not training:
-        return diffs
-    dhp = ckpt.get("datamodule_hyper_parameters") or {}
-    for key in DATA_CONTRACT:
-        if key in dhp and _plain(dhp[key]) != _get(cfg, f"data.{key}"):
-            diffs.append(f"--data.{key} {_plain(dhp[key])!r} vs {_get(cfg, f'data.{key}')!r}")
-    groups = [g for s in ckpt.get("optimizer_states") or [] for g in s.get("param_groups", [])]
-    lora = next((g for g in groups if g.get("name") == "lora"), None)
-    given = _get(cfg, "model.optimizer.init_args") or {}
-    if lora is not None:
-        for key in OPTIMIZER_CONTRACT:
-            held = lora.get("initial_lr", lora.get("lr")) if key == "lr" else lora.get(key)
-            if key in given and held is not None and _plain(held) != _plain(given[key]):
-                diffs.append(f"--model.optimizer.{key} {_plain(held)!r} vs {_plain(given[key])!r}")
-    # The schedule's settings live in its state, which Lightning restores over the new scheduler: a
-    # changed total_iters / T_max / ... would be silently ignored, so it is refused like the rest.
-    sched_states = ckpt.get("lr_schedulers") or []
-    sched_args = _get(cfg, "model.lr_scheduler.init_args") or {}
-    if sched_states and isinstance(sched_states[0], dict):
-        for key, value in sched_args.items():
-            if key in SCHEDULER_STATE:
-                continue  # where the schedule is, not what it is: restored from the checkpoint
-            held = sched_states[0].get(key)
-            if key in sched_states[0] and _plain(held) != _plain(value):
-                diffs.append(f"--model.lr_scheduler.{key} {_plain(held)!r} vs {_plain(value)!r}")
-    return diffs
+    from filelock import FileLock, Timeout
 
-
-def check_resume(cfg, subcommand: str) -> None:
-    """Refuse (before anything is written) a `--ckpt_path` whose model differs from the given flags.
-
-    `cfg` is the subcommand's parsed config; `ckpt_path` is already resolved (see resolve_last_checkpoint).
-    Prints the flags that may change and did (they are honoured; config.yaml records the new values).
-    """
-    path = cfg.get("ckpt_path")
-    if not path:
+    run_dir = Path(run_dir).absolute()
+    if run_dir in _held or not is_global_zero():
         return
-    ckpt = load_checkpoint(path)
-    diffs = contract_differences(cfg, ckpt, training=subcommand == "fit")
-    if diffs:
-        raise DallmError(
-            f"--ckpt_path {path}: the checkpoint holds another model than these flags ask for "
-            f"(checkpoint vs given): {'; '.join(diffs)}. A resumed run trains (and validate scores) what the "
-            "checkpoint holds: drop these flags, or start a new run without --ckpt_path"
-        )
-    if subcommand != "fit":
-        return
-    # The run's previous config (the one SaveConfigCallback will overwrite) says what it ran with.
-    saved = Path(path).parent.parent / "config.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK_NAME, timeout=0)
     try:
-        before = yaml.safe_load(saved.read_text()) if saved.is_file() else None
-    except (OSError, yaml.YAMLError):
-        before = None
-    if not isinstance(before, dict):
-        return
-    for key in MAY_CHANGE:
-        old, new = _get(before, key), _get(cfg, key)
-        if old != new:
-            print(f"dallm: resume: --{key} {old!r} -> {new!r} (honoured; recorded in {saved})")
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads((run_dir / HOLDER_NAME).read_text())
+            who = f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: {holder['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        raise DallmError(
+            f"{flag}: {run_dir} is being written by another dallm fit ({who}); its lock is "
+            f"{run_dir / LOCK_NAME}. Wait for it to end (or stop it) and resume with --ckpt_path last, or give "
+            "a new run another --trainer.logger.init_args.name"
+        ) from None
+    _held[run_dir] = lock
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(["dallm", *sys.argv[1:]])[:300],
+    }
+    save_bytes_atomic(json.dumps(holder).encode(), run_dir / HOLDER_NAME)
+
+
+def release_runs() -> None:
+    """Release every run lock this process holds (at the end of a fit, whatever ended it)."""
+    for run_dir, lock in list(_held.items()):
+        (run_dir / HOLDER_NAME).unlink(missing_ok=True)
+        lock.release()
+        del _held[run_dir]
+
+
+# ---------------------------------------------------------------------------------------- SIGTERM
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+class SigtermCheckpoint(pl.Callback):
+    """On SIGTERM (preemption, `timeout`, Kubernetes, `dallm sweep` stopping its runs): save `last.ckpt`.
+
+    Lightning's own mechanism: its signal handler sets `trainer.received_sigterm`, the training loop raises
+    `SIGTERMException` at the end of the step, and this callback's `on_exception` saves that step through
+    the trainer's (atomic) checkpoint IO, as Lightning's `OnExceptionCheckpoint` does. `dallm.cli` then
+    prints how to resume and exits 143, so a preempted run never reads as finished. The step's validation
+    and metrics are written first (`DallmTrainer.received_sigterm`), so nothing is lost. A SIGTERM before
+    the first step (class images, model loading) ends the process as the signal does, with nothing to save.
+    """
+
+    def __init__(self) -> None:
+        self.saved: Path | None = None
+        self.step: int | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+            return
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath), None)
+        if ckpt is None:
+            return
+        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        # Lightning's restore adds one to the logging step counter (its checkpoints are saved before the
+        # step's increment, "batches_that_stepped is never set prior to saving a checkpoint"); saved here,
+        # after it, the counter is stored as Lightning expects, so the resumed curves keep their steps.
+        loop = trainer.fit_loop.epoch_loop
+        loop._batches_that_stepped -= 1
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            loop._batches_that_stepped += 1
+        self.saved, self.step = path, trainer.global_step
+
+
+def sigterm_message(trainer) -> str:
+    """What a run stopped by SIGTERM tells the user (one line): where it stopped and how to resume."""
+    cb = next((c for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
+    if cb is not None and cb.saved is not None:
+        where = f"saved step {cb.step} to {cb.saved}"
+    else:
+        where = "no checkpoint saved (no step finished); the newest one before it is kept"
+    return (
+        f"dallm: stopped by SIGTERM at step {trainer.global_step} of {trainer.max_steps}: {where}. "
+        f"Resume with the same command and --ckpt_path last (exit status {SIGTERM_EXIT})"
+    )

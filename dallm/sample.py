@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dallm.base import SCHEDULERS, make_scheduler
+from dallm.ranges import Count, Finite, NonNegativeFinite, Resolution
 from dallm.trained import resolve_lora_dir
 
 
@@ -79,15 +80,15 @@ def sample(
     prompt: list[str] | None = None,
     prompts_file: str | None = None,
     seeds: str = "0-3",
-    steps: int = 25,
-    guidance: float = 7.5,
+    steps: Count = 25,
+    guidance: NonNegativeFinite = 7.5,
     scheduler: str = "dpm++",
-    lora_scale: float | list[float] = 1.0,
+    lora_scale: Finite | list[Finite] = 1.0,
     compare: bool = False,
     base: str | None = None,
     out: str = "dallm_samples",
-    batch_size: int = 4,
-    resolution: int | None = None,
+    batch_size: Count = 4,
+    resolution: Resolution | None = None,
     device: str | None = None,
 ) -> int:
     """Sample a trained LoRA: one PNG per image and a labelled grid (`grid.png`) in --out.

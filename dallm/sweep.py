@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dallm.errors import PARSER_KWARGS
 from dallm.launch import (
     RECORD,
     Run,
@@ -25,8 +26,10 @@ from dallm.launch import (
     launch_submitit,
     prime_class_images,
     read_record,
+    status_of,
     write_record,
 )
+from dallm.ranges import Count, Seed
 
 
 # ---------------------------------------------------------------------------------------- the grid
@@ -109,6 +112,35 @@ def fit_args(run: Run, config: list[str], save_dir: Path, sweep_name: str, extra
     return args + list(extra)
 
 
+# jsonargparse's words for a flag `dallm fit` does not have (as opposed to a value it refuses).
+_UNKNOWN_FLAG = ("nrecognized arguments", "is not accepted", "is not expected", "No action for key")
+
+
+def check_runs(runs: list[Run], arg_lists: list[list[str]]) -> dict[str, str]:
+    """Parse every run's `dallm fit` flags as `dallm fit` would, before anything is launched or printed.
+
+    A flag `dallm fit` does not have (a misspelt grid key, `model.rnak`, or a typo after `--`) refuses the
+    whole sweep: every run would fail at start. A value it refuses (`model.rank=0`) concerns that run
+    alone, which fails by itself as any crashing run does; returned as {run name: the error line}.
+    """
+    from dallm.cli import build_parser
+    from dallm.errors import one_line
+
+    parser = build_parser()
+    refused = {}
+    for run, args in zip(runs, arg_lists, strict=True):
+        try:
+            parser.parse_args(args)
+        except Exception as err:  # ArgumentError, or a config file that does not parse
+            line = one_line(err)
+            if any(words in str(err) for words in _UNKNOWN_FLAG):
+                raise ValueError(
+                    f"run {run.name}: `dallm fit` has no such flag (check --grid and the flags after --): {line}"
+                ) from err
+            refused[run.name] = line
+    return refused
+
+
 # ---------------------------------------------------------------------------------------- run state
 def run_state(run_dir: Path) -> str:
     """ "done" (finished: skip), "resume" (has checkpoints/last.ckpt) or "new"."""
@@ -153,12 +185,12 @@ def sweep(
     config: str,
     grid: list[str] | None = None,
     grids: list[dict[str, list[Any]]] | None = None,
-    seeds: list[int] = [0],  # noqa: B006 (jsonargparse needs a literal default)
+    seeds: list[Seed] = [0],  # noqa: B006 (jsonargparse needs a literal default)
     name: str | None = None,
     save_dir: str = "lightning_logs",
     launcher: str = "local",
-    max_parallel: int = 1,
-    gpus_per_run: int = 1,
+    max_parallel: Count = 1,
+    gpus_per_run: Count = 1,
     slurm: SlurmOptions = SlurmOptions(),  # noqa: B008
     wait: bool = True,
     prime: bool = True,
@@ -212,12 +244,14 @@ def sweep(
     runs = expand(all_grids, seeds)
     name = name or f"sweep_{Path(config).stem}"
     root = Path(save_dir).resolve() / name
+    refused = check_runs(runs, [fit_args(run, [config], Path(save_dir).resolve(), name, extra) for run in runs])
     to_launch, skipped = [], []
     for run in runs:
         args = fit_args(run, [config], Path(save_dir).resolve(), name, extra)
         run_dir = root / run.name
         if dry_run:
-            print(f"{run.name} [{run_state(run_dir)}]: python -m dallm {' '.join(args)}")
+            state = f"refused by dallm fit: {refused[run.name]}" if run.name in refused else run_state(run_dir)
+            print(f"{run.name} [{state}]: python -m dallm {' '.join(args)}")
             continue
         launch = prepare(run, run_dir, args)
         if launch is None:
@@ -240,11 +274,12 @@ def sweep(
         codes = launch_local(to_launch, root / "logs", max_parallel, gpus_per_run)
     else:
         codes = launch_submitit(to_launch, root / "submitit", slurm, max_parallel, name, wait)
-    failed = sorted(n for n, c in codes.items() if c != 0)
+    failed = sorted(n for n, c in codes.items() if c != 0)  # interrupted ones too: not done, resumable
     for n in failed:
-        print(f"dallm sweep: failed: {n} (see {root / n / RECORD})", file=sys.stderr)
+        print(f"dallm sweep: {status_of(codes[n])}: {n} (see {root / n / RECORD})", file=sys.stderr)
     print(
-        f"dallm sweep {name}: {len(codes) - len(failed)} finished now, {len(failed)} failed, {len(skipped)} skipped"
+        f"dallm sweep {name}: {len(codes) - len(failed)} finished now, {len(failed)} failed or interrupted, "
+        f"{len(skipped)} skipped"
     )
     return 1 if failed else 0
 
@@ -282,15 +317,21 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def sweep_main(argv: list[str]) -> int:
-    """`python -m dallm sweep ...` (see `sweep`); bad input: one line naming the flag, exit 2."""
+def sweep_parser():
+    """The `dallm sweep` parser, generated from `sweep`'s signature and docstring."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="dallm sweep", description=sweep.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="dallm sweep", description=sweep.__doc__.split("\n\n")[0], **PARSER_KWARGS)
     parser.add_argument(
         "--sweep_file", action=ActionConfigFile, help="a YAML file with any of the flags below"
     )
     parser.add_function_arguments(sweep, as_group=False)
+    return parser
+
+
+def sweep_main(argv: list[str]) -> int:
+    """`python -m dallm sweep ...` (see `sweep`); bad input: one line naming the flag, exit 2."""
+    parser = sweep_parser()
     cfg = parser.parse_args(_normalise_argv(argv))
     import signal
 

@@ -15,37 +15,33 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from dallm.errors import PARSER_KWARGS, DallmError
-from dallm.images import list_images, load_rgb
-from dallm.manifest import (
-    append_manifest,
-    lock_directory,
-    remove_stale_temp_files,
-    save_png_atomic,
-    sha256_file,
-    utc_now,
+from dallm.images import list_images
+from dallm.manifest import lock_directory, remove_stale_temp_files
+from dallm.ranges import Count, NonNegativeFinite, NonNegativeInt, PositiveFinite, Seed, UnitIntervalOpenRight
+from dallm.teacher_dir import (
+    VAL_DIR,
+    DirState,
+    Plan,
+    Slot,
+    adopt_unrecorded,
+    check_seeds,
+    import_folder,
+    parse_size,
+    scan,
+    split_counts,
+    validate_sources,
+    wanted_slots,
 )
-from dallm.teacher_dir import VAL_DIR, DirState, Plan, Slot, check_seeds, scan, split_counts, wanted_slots
 
 if TYPE_CHECKING:
     from dallm.openai_teacher import OpenAIRequest
 
 __all__ = ["teacher", "teacher_main"]
-
-
-def _parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """(height, width) of a `WxH` --size; (None, None) for the pipeline's default."""
-    if size is None:
-        return None, None
-    m = re.fullmatch(r"(\d+)x(\d+)", size)
-    if not m or min(int(m[1]), int(m[2])) < 8:
-        raise ValueError(f"--size must be WxH, e.g. 512x512, got {size!r}")
-    return int(m[2]), int(m[1])
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -60,7 +56,6 @@ class Backend:
     required: ClassVar[tuple[str, ...]] = ()  # flags that must be set
     own: ClassVar[tuple[str, ...]] = ()  # flags (default None) that only this backend reads
     rejects: ClassVar[tuple[str, ...]] = ()  # flags (default None) that must stay unset
-    at_least: ClassVar[dict[str, float]] = {}  # lower bounds of numeric flags
 
     def count(self) -> int:
         """The number of images wanted, held-out ones included."""
@@ -82,7 +77,6 @@ class OpenAIBackend(Backend):
     name, verb = "openai", "to request"
     required = ("prompt", "n", "model")
     own = ("quality", "style", "base_url", "max_cost")
-    at_least = {"concurrency": 1, "max_refusals": 1, "max_retries": 0, "max_backoff": 0, "timeout": 0}
 
     def __init__(self, f: dict[str, Any]) -> None:
         from dallm.openai_teacher import resolve_request
@@ -96,6 +90,12 @@ class OpenAIBackend(Backend):
             raise ValueError(
                 "OPENAI_API_KEY is not set: export it (the key is read from the environment only, so that it "
                 "never lands in shell history, configs or logs); nothing was requested"
+            )
+        if self.key != "".join(self.key.split()) or not (self.key.isascii() and self.key.isprintable()):
+            # No HTTP header carries it: the SDK would say "Connection error" and retry in vain.
+            raise ValueError(
+                "OPENAI_API_KEY holds whitespace (a trailing newline from `echo` or a key file?) or characters "
+                "an HTTP header cannot carry: set it to the key alone; nothing was requested"
             )
 
     def count(self) -> int:
@@ -133,11 +133,10 @@ class DiffusersBackend(Backend):
     name, verb = "diffusers", "to generate"
     required = ("prompt", "n", "model")
     own = ("revision", "variant")
-    at_least = {"steps": 1, "batch_size": 1}
 
     def __init__(self, f: dict[str, Any]) -> None:
         self.f = f
-        self.height, self.width = _parse_size(f["size"])
+        self.height, self.width = parse_size(f["size"])
 
     def count(self) -> int:
         return self.f["n"]
@@ -220,9 +219,9 @@ BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (OpenAIBackend, Diffuse
 
 
 def check_flags(flags: dict[str, Any]) -> None:
-    """Flag combinations and ranges that are wrong whatever is on disk, from the backends' declarations.
+    """Flag combinations that are wrong whatever is on disk, from the backends' declarations.
 
-    The one place where teacher flags are range-checked (`split_counts` checks --val_count/--val_fraction).
+    Ranges are in the flags' types (`dallm.ranges`), refused while parsing.
     """
     name = flags["backend"]
     backend = BACKENDS[name]
@@ -236,66 +235,6 @@ def check_flags(flags: dict[str, Any]) -> None:
     for flag in backend.rejects:
         if flags[flag] is not None:
             raise ValueError(f"--{flag} does not apply to --backend {name}")
-    if flags["n"] is not None and flags["n"] < 1:
-        raise ValueError(f"--n must be >= 1, got {flags['n']}")
-    for flag, low in backend.at_least.items():
-        if flags[flag] < low:
-            raise ValueError(f"--{flag} must be >= {low}, got {flags[flag]}")
-
-
-# ------------------------------------------------------------------------------------ folder helpers
-
-
-def validate_sources(src: str, n: int | None) -> tuple[list[tuple[Path, str]], list[str]]:
-    """The first `n` (all if None) readable images of `src` by name, with their sha256; and the errors.
-
-    A corrupt or unreadable file is reported and skipped, not fatal: one broken download should not
-    block importing the others.
-    """
-    valid: list[tuple[Path, str]] = []
-    errors: list[str] = []
-    for path in list_images(src, "--src"):
-        if n is not None and len(valid) == n:
-            break
-        try:
-            load_rgb(path)
-        except ValueError as err:
-            errors.append(str(err))
-            continue
-        valid.append((path, sha256_file(path)))
-    return valid, errors
-
-
-def import_folder(
-    sources: list[tuple[Path, str]], slots: list[Slot], state: DirState, prompt: str | None, progress: bool
-) -> int:
-    """Convert source k to RGB PNG in slot k unless it is there already; returns the number written."""
-    from tqdm.auto import tqdm
-
-    for slot, (src, sha) in zip(slots, sources, strict=True):
-        record = state.records.get(slot.directory, {}).get(slot.path.name)
-        if slot in state.present and record is not None and record.get("source_sha256") != sha:
-            raise ValueError(
-                f"--src: {slot.label} of --out was imported from {record.get('source')}, but now {src} "
-                "would go there (did the --src folder change?): use an empty --out"
-            )
-    todo = [(slot, source) for slot, source in zip(slots, sources, strict=True) if slot not in state.present]
-    for slot, (src, sha) in tqdm(todo, desc="importing", unit="img", disable=not progress):
-        image = load_rgb(src)
-        slot.directory.mkdir(parents=True, exist_ok=True)
-        record = {
-            "file": slot.path.name,
-            "sha256": save_png_atomic(image, slot.path),
-            "backend": "folder",
-            "model": None,
-            "prompt": prompt,
-            "source": str(src.resolve()),
-            "source_sha256": sha,
-            "size": f"{image.width}x{image.height}",
-            "created": utc_now(),
-        }
-        append_manifest(slot.directory, record)
-    return len(todo)
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -305,25 +244,25 @@ def teacher(
     backend: Literal["openai", "diffusers", "folder"],
     out: str,
     prompt: str | None = None,
-    n: int | None = None,
-    val_count: int | None = None,
-    val_fraction: float | None = None,
+    n: Count | None = None,
+    val_count: NonNegativeInt | None = None,
+    val_fraction: UnitIntervalOpenRight | None = None,
     model: str | None = None,
     size: str | None = None,
     quality: str | None = None,
     style: str | None = None,
-    concurrency: int = 4,
+    concurrency: Count = 4,
     base_url: str | None = None,
-    max_cost: float | None = None,
-    max_refusals: int = 5,
-    max_retries: int = 6,
-    max_backoff: float = 60.0,
-    timeout: float = 300.0,
-    seed: int = 0,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
+    max_cost: NonNegativeFinite | None = None,
+    max_refusals: Count = 5,
+    max_retries: NonNegativeInt = 6,
+    max_backoff: NonNegativeFinite = 60.0,
+    timeout: PositiveFinite = 300.0,
+    seed: Seed = 0,
+    steps: Count = 30,
+    guidance_scale: NonNegativeFinite = 7.5,
     negative_prompt: str | None = None,
-    batch_size: int = 4,
+    batch_size: Count = 4,
     revision: str | None = None,
     variant: str | None = None,
     device: str | None = None,
@@ -403,6 +342,12 @@ def _fill(
 
     settings, what = impl.settings()
     state = scan(out, slots, settings)
+    adopted = adopt_unrecorded(state, settings)
+    if adopted:
+        # Paid for by an interrupted run that died between the image and its manifest line.
+        print(f"dallm teacher: adopted {len(adopted)} complete image(s) an interrupted run wrote: "
+              f"{', '.join(s.label for s in adopted[:5])}", flush=True)  # fmt: skip
+        state = scan(out, slots, settings)
     plan = Plan(what, out, n_train, n_val, state, verb=impl.verb)
     impl.prepare(plan)
     print("\n".join(plan.lines()), flush=True)

@@ -4,7 +4,8 @@ Layout: `--n` images, of which `--val_count` are held out, as `OUT/000000.png ..
 `OUT/val/000000.png ...`, each directory with its own `manifest.jsonl` (`dallm.manifest`). The
 DataModule trains on `OUT` and validates on `OUT/val`. A slot (directory, index) is *present* when its
 file exists and the manifest's last record for it has the file's sha256; a re-run makes only the
-others, so a killed run costs at most the requests that were in flight. The DataModule's class-image
+others (after adopting an unrecorded file that carries its own record, `adopt_unrecorded`), so a killed
+run costs at most the requests that were in flight. The DataModule's class-image
 directory (`--data.prior_dir`) follows the same rules, with its own flags in the messages (`DirFlags`).
 No network, no model here.
 """
@@ -17,7 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dallm.manifest import IMAGE_EXTENSIONS, manifest_path, read_manifest, sha256_file, slot_name
+from dallm.images import list_images, load_rgb
+from dallm.manifest import (
+    IMAGE_EXTENSIONS,
+    append_manifest,
+    manifest_path,
+    read_manifest,
+    save_png_atomic,
+    sha256_file,
+    slot_name,
+    utc_now,
+)
 
 VAL_DIR = "val"
 # Held-out image j is made with seed `--seed + VAL_SEED_OFFSET + j`, so that no training image and no
@@ -49,6 +60,16 @@ class Slot:
     def seed(self, base: int) -> int:
         """The diffusers seed of this image for `--seed base`."""
         return base + (VAL_SEED_OFFSET if self.val else 0) + self.index
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """(height, width) of a `WxH` --size; (None, None) for the pipeline's default."""
+    if size is None:
+        return None, None
+    m = re.fullmatch(r"(\d+)x(\d+)", size)
+    if not m or min(int(m[1]), int(m[2])) < 8:
+        raise ValueError(f"--size must be WxH, e.g. 512x512, got {size!r}")
+    return int(m[2]), int(m[1])
 
 
 def split_counts(n: int, val_count: int | None, val_fraction: float | None) -> tuple[int, int]:
@@ -233,3 +254,80 @@ class Plan:
         if self.usd_per_image:
             out.append(f"  estimated cost  ${self.cost:.2f} ({self.price_note})")
         return out
+
+
+# ------------------------------------------------------------------------- adoption and the folder backend
+
+
+def adopt_unrecorded(state: DirState, settings: dict[str, Any]) -> list[Slot]:
+    """Give a manifest line to each slot file that has none but carries its own record, made with `settings`.
+
+    A kill between an image's atomic write and its manifest line leaves a whole, paid image without a
+    line; its record is inside the PNG (`dallm.openai_images.with_record`). Adopting it (rather than
+    making it again) means nothing is paid twice. Returns the adopted slots; the caller scans again.
+    """
+    from dallm.openai_images import embedded_record
+
+    adopted = []
+    for slot in state.unrecorded:
+        record = embedded_record(slot.path)
+        if record is None or record.get("file") != slot.path.name:
+            continue
+        if any(record.get(key) != want for key, want in settings.items()):
+            continue  # made with other settings: made again, as any unrecorded file
+        append_manifest(slot.directory, {**record, "sha256": sha256_file(slot.path), "adopted": utc_now()})
+        adopted.append(slot)
+    return adopted
+
+
+
+def validate_sources(src: str, n: int | None) -> tuple[list[tuple[Path, str]], list[str]]:
+    """The first `n` (all if None) readable images of `src` by name, with their sha256; and the errors.
+
+    A corrupt or unreadable file is reported and skipped, not fatal: one broken download should not
+    block importing the others.
+    """
+    valid: list[tuple[Path, str]] = []
+    errors: list[str] = []
+    for path in list_images(src, "--src"):
+        if n is not None and len(valid) == n:
+            break
+        try:
+            load_rgb(path)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        valid.append((path, sha256_file(path)))
+    return valid, errors
+
+
+def import_folder(
+    sources: list[tuple[Path, str]], slots: list[Slot], state: DirState, prompt: str | None, progress: bool
+) -> int:
+    """Convert source k to RGB PNG in slot k unless it is there already; returns the number written."""
+    from tqdm.auto import tqdm
+
+    for slot, (src, sha) in zip(slots, sources, strict=True):
+        record = state.records.get(slot.directory, {}).get(slot.path.name)
+        if slot in state.present and record is not None and record.get("source_sha256") != sha:
+            raise ValueError(
+                f"--src: {slot.label} of --out was imported from {record.get('source')}, but now {src} "
+                "would go there (did the --src folder change?): use an empty --out"
+            )
+    todo = [(slot, source) for slot, source in zip(slots, sources, strict=True) if slot not in state.present]
+    for slot, (src, sha) in tqdm(todo, desc="importing", unit="img", disable=not progress):
+        image = load_rgb(src)
+        slot.directory.mkdir(parents=True, exist_ok=True)
+        record = {
+            "file": slot.path.name,
+            "sha256": save_png_atomic(image, slot.path),
+            "backend": "folder",
+            "model": None,
+            "prompt": prompt,
+            "source": str(src.resolve()),
+            "source_sha256": sha,
+            "size": f"{image.width}x{image.height}",
+            "created": utc_now(),
+        }
+        append_manifest(slot.directory, record)
+    return len(todo)

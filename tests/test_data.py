@@ -310,8 +310,14 @@ def test_prior_dir_is_locked_and_stale_temp_files_are_removed(tmp_path):
     stale = prior / ".000002.png.x1y2.tmp"  # what a kill during save_bytes_atomic leaves
     stale.write_bytes(b"half a png")
     dm = datamodule(teacher, class_prompt=CLASS_PROMPT, prior_dir=str(prior), num_prior_images=2)
-    with lock_directory(prior), pytest.raises(RuntimeError, match="being filled by another running process"):
-        dm.prepare_data()
-    assert stale.exists()  # not touched while another process may be writing it
-    dm.prepare_data()
-    assert not stale.exists()
+    # Another holder (a parallel run of a sweep filling the same class images): prepare_data waits for it.
+    import threading
+
+    waiting = threading.Thread(target=dm.prepare_data)
+    with lock_directory(prior):
+        waiting.start()
+        waiting.join(timeout=2)
+        assert waiting.is_alive()  # still waiting for the lock
+        assert stale.exists()  # not touched while another process may be writing it
+    waiting.join(timeout=120)
+    assert not waiting.is_alive() and not stale.exists()  # the lock released: it ran, and tidied

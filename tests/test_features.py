@@ -119,7 +119,7 @@ def test_an_absurdly_large_image_is_one_error_line_naming_the_file(tmp_path, fol
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and out == ""
     line = err.strip().splitlines()[-1]
-    assert line.startswith("dallm: error: ") and "000000.png: 32x32 image has more than" in line
+    assert line.startswith("dallm: error: ") and "000000.png: image is 32x32" in line and "more than dallm decodes" in line
 
 
 PROBE = """
@@ -142,7 +142,8 @@ print(json.dumps(out))
 def test_memory_is_bounded_by_the_prepared_image_not_the_file(tmp_path):
     paths = [tmp_path / "tiny.png", tmp_path / "huge.jpg", tmp_path / "huge.png"]
     Image.new("RGB", (1, 1), (200, 180, 40)).save(paths[0])
-    image = Image.new("RGB", (8000, 8000), (200, 180, 40))
+    # 6000x6000: under the one pixel limit (dallm.images.MAX_IMAGE_PIXELS, 40 Mpx) that fit and kid share.
+    image = Image.new("RGB", (6000, 6000), (200, 180, 40))
     image.paste((20, 40, 200), (2000, 2000, 4000, 4000))  # some structure; still quick to encode
     image.save(paths[1], quality=90)
     image.save(paths[2], compress_level=1)
@@ -160,6 +161,6 @@ def test_memory_is_bounded_by_the_prepared_image_not_the_file(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for path in paths:
         assert result[str(path)]["shape"] == [1, 54] and result[str(path)]["finite"]
-    # An 8000x8000 RGB image is 192 MB decoded; the old path (every image stacked at the first file's
+    # A 6000x6000 RGB image is 108 MB decoded; the old path (every image stacked at the first file's
     # size, then float32) needed several GB. Decoded once and shrunk in place, all three stay below 500 MB.
     assert result[str(paths[2])]["peak_increase"] < 500 * 2**20, result

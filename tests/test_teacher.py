@@ -349,7 +349,7 @@ def test_refused_before_any_request(api, tmp_path, capsys, monkeypatch):
     for bad, message in [
         (["--quality", "hd"], "--quality does not apply to dall-e-2"),
         (["--size", "1792x1024"], "--size 1792x1024 is not offered by dall-e-2"),
-        (["--concurrency", "0"], "--concurrency must be >= 1"),
+        (["--concurrency", "0"], "--concurrency must be >= 1, got 0"),
         (["--src", str(tmp_path)], "--src is for --backend folder"),
     ]:
         code, _, stderr = teacher(capsys, *args, *bad)
@@ -532,8 +532,8 @@ def test_flags_of_one_backend_are_refused_by_the_others(api, tmp_path, capsys):
     base = openai_args(api, out, "dall-e-2", 2)
     for bad, message in [
         (["--revision", "main"], "--revision is for --backend diffusers only, not openai"),
-        (["--n", "0"], "--n must be >= 1, got 0"),
-        (["--max_backoff", "-1"], "--max_backoff must be >= 0"),
+        (["--n", "0"], "--n must be >= 1 or null, got 0"),
+        (["--max_backoff", "-1"], "--max_backoff must be finite and >= 0, got -1"),
     ]:
         code, _, stderr = teacher(capsys, *base, *bad)
         assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
