@@ -175,6 +175,21 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
     return Path(path)
 
 
+def save_pretrained(model, out_dir: str | Path) -> Path:
+    """`model.save_pretrained(out_dir)` as safetensors, with every file's mode following the umask.
+
+    diffusers and transformers write their weights with safetensors' `save_file`, which leaves 0600 files
+    that a UI or trainer running as another user cannot read (their JSON files already follow the umask).
+    """
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    mode = 0o666 & ~current_umask()
+    for path in out_dir.rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+    return out_dir
+
+
 def save_png_atomic(image: Image.Image, path: str | Path) -> str:
     """Encode `image` as PNG and write it with `save_bytes_atomic`; return the sha256 of the PNG bytes."""
     buf = io.BytesIO()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from dallm.manifest import slot_name
+from dallm.manifest import save_pretrained, slot_name
 
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to single characters.
 TINY_WORDS = (
@@ -129,7 +129,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, resolution: int = 32
     from dallm.base import pipeline_from_parts
 
     pipe = pipeline_from_parts(tokenizer, text_encoder, vae, unet, scheduler)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    save_pretrained(pipe, out_dir)
     for f in bpe_dir.iterdir():
         f.unlink()
     bpe_dir.rmdir()

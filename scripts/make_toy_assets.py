@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dallm.base import vae_roundtrip
-from dallm.manifest import append_manifest, save_png_atomic, slot_name
+from dallm.manifest import append_manifest, save_png_atomic, save_pretrained, save_safetensors, slot_name
 from dallm.metrics import kid_from_features
 from dallm.tiny import write_clip_bpe_files
 from dallm.toy import world
@@ -195,7 +195,6 @@ def main() -> None:
         print(json.dumps(recheck_base_kid(Path(args.out)), indent=2))
         return
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -225,7 +224,7 @@ def main() -> None:
     start = time.perf_counter()
     features = train_features(args.feature_steps, 128)
     times["feature_net_s"] = time.perf_counter() - start
-    save_file(features.state_dict(), str(out / "feature_net.safetensors"))
+    save_safetensors(features.state_dict(), out / "feature_net.safetensors")
 
     # Teacher images: the baroque subject, 50 for training and 20 held out, from separate seeds.
     for sub, n, seed in (("teacher", 50, SEEDS["teacher"]), ("teacher/val", 20, SEEDS["teacher_val"])):
@@ -245,7 +244,7 @@ def main() -> None:
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    pipe.save_pretrained(out / "base", safe_serialization=True)
+    save_pretrained(pipe, out / "base")
     times["total_s"] = time.perf_counter() - t0
     checks = check(pipe, features, out)
     write_build_notes(out, args, times, checks)

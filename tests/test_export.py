@@ -233,3 +233,19 @@ def test_exported_files_follow_the_umask(tiny_model_dir, tmp_path):
             }
     finally:
         os.umask(old)
+
+
+def test_saved_base_models_follow_the_umask(tmp_path):
+    """A base model dallm writes (tiny, random SD v1-5 architecture, toy) is readable by another user's UI."""
+    import os
+
+    from dallm.tiny import build_tiny_pipeline
+
+    old = os.umask(0o027)
+    try:
+        build_tiny_pipeline(tmp_path / "tiny", seed=0, resolution=32)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert "tiny/unet/diffusion_pytorch_model.safetensors" in modes  # safetensors' save_file makes these 0600
+    assert set(modes.values()) == {0o640}, modes

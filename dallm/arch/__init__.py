@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from dallm.manifest import save_pretrained
+
 HERE = Path(__file__).parent
 # CLIP ViT-L/14's vocabulary size; the last two ids are <|startoftext|> and <|endoftext|>.
 CLIP_VOCAB_SIZE = 49408
@@ -197,7 +199,7 @@ def save_random_base(
         torch.manual_seed(seed)
         pipe = build_tiny_pipeline(out_dir, seed=seed)
         if dtype != torch.float32:
-            pipe.to(dtype=dtype).save_pretrained(out_dir, safe_serialization=True)
+            save_pretrained(pipe.to(dtype=dtype), out_dir)
         return out_dir
     parts = build_components(arch, dtype=dtype, seed=seed)
     pipe = StableDiffusionPipeline(
@@ -210,7 +212,7 @@ def save_random_base(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    save_pretrained(pipe, out_dir)
     # The published tokenizer folder is vocab.json + merges.txt; ship those files next to tokenizer.json.
     write_sd15_tokenizer(out_dir / "tokenizer")
     return out_dir
