@@ -289,7 +289,8 @@ class KIDCallback(pl.Callback):
         self.batch_size = batch_size
         self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
-        self.readouts = readouts.RoundReadouts(drift_prompts)  # toy/* and drift/*
+        self.drift_prompts = list(drift_prompts)  # recorded in checkpoints (dallm.contract)
+        self.readouts = readouts.RoundReadouts(self.drift_prompts)  # toy/* and drift/*
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None
         self._reference: dict[str, torch.Tensor] = {}
