@@ -6,6 +6,7 @@ Batch contract with the LightningModule (`collate` builds it):
      "prompts": list[str] of N,
      "keys": list[str] of N,            # content, resolution, crop, flip: the latent cache's key
      "is_prior": BoolTensor (N,),
+     "time_ids": FloatTensor (N, 6),    # SDXL's original size, crop top-left, target size of each image
      "seeds": LongTensor (N,)}          # validation batches only: fixed per-image noise seeds
 
 A training batch is B teacher ("instance") examples followed by B prior examples when prior
@@ -88,12 +89,15 @@ class TeacherPriorDataset(Dataset):
         self.prior_items = [(Path(p), s) for p, s in prior_items or []]
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self._images: dict[Path, Image.Image] = {}
+        self._sizes: dict[Path, tuple[int, int]] = {}  # (width, height) of the file, before resizing
         self._content_ids: dict[Path, str] = {}
 
     def image(self, path: Path) -> Image.Image:
         """The decoded, resized image at `path` (cached)."""
         if path not in self._images:
-            self._images[path] = resize_shortest_side(load_rgb(path), self.resolution)
+            image = load_rgb(path)
+            self._sizes[path] = image.size
+            self._images[path] = resize_shortest_side(image, self.resolution)
         return self._images[path]
 
     def preload(self) -> None:
@@ -104,15 +108,26 @@ class TeacherPriorDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_items), len(self.prior_items))
 
-    def _example(self, item: tuple[Path, str], aug_seed: int) -> tuple[torch.Tensor, str, str]:
-        """(pixels, prompt, variant key): the key names exactly these pixels, for the latent cache."""
+    def _example(self, item: tuple[Path, str], aug_seed: int) -> tuple[torch.Tensor, str, str, torch.Tensor]:
+        """(pixels, prompt, variant key, time ids): the key names exactly these pixels, for the latent cache.
+
+        The time ids (SDXL's micro-conditioning, dallm.sdxl.time_ids) follow from what the key names: the
+        file's own size, and the crop's top-left in the resized image as it is seen after the flip (a flipped
+        crop starts `width - left - resolution` from the left), as diffusers' SDXL scripts flip before cropping.
+        """
+        from dallm.sdxl import time_ids
+
         path, prompt = item
         image = self.image(path)
         left, top, flip = augmentation(
             image.size, self.resolution, self.center_crop, self.random_flip, aug_seed
         )
         key = f"{self.content_id(path)}:{self.resolution}:{left},{top}:{int(flip)}"
-        return preprocess(image, self.resolution, self.center_crop, self.random_flip, aug_seed), prompt, key
+        pixels = preprocess(image, self.resolution, self.center_crop, self.random_flip, aug_seed)
+        width, height = self._sizes[path]
+        seen_left = image.width - left - self.resolution if flip else left
+        ids = time_ids((height, width), (top, seen_left), (self.resolution, self.resolution))
+        return pixels, prompt, key, ids
 
     def content_id(self, path: Path) -> str:
         """sha256 of the file's bytes (cached): the cache key follows the content, not the name."""
@@ -127,12 +142,12 @@ class TeacherPriorDataset(Dataset):
         else:
             i = aug_seed = int(key)
             out = {"seed": i}
-        out["pixel_values"], out["prompt"], out["key"] = self._example(
+        out["pixel_values"], out["prompt"], out["key"], out["time_ids"] = self._example(
             self.instance_items[i % len(self.instance_items)], aug_seed
         )
         if self.prior_items:
-            out["prior_pixel_values"], out["prior_prompt"], out["prior_key"] = self._example(
-                self.prior_items[i % len(self.prior_items)], aug_seed
+            out["prior_pixel_values"], out["prior_prompt"], out["prior_key"], out["prior_time_ids"] = (
+                self._example(self.prior_items[i % len(self.prior_items)], aug_seed)
             )
         return out
 
@@ -152,6 +167,9 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "prompts": prompts,
         "keys": keys,  # what each image is (content, resolution, crop, flip): the latent cache's key
         "is_prior": torch.tensor([False] * len(examples) + [True] * len(priors)),
+        "time_ids": torch.stack(
+            [e["time_ids"] for e in examples] + [e["prior_time_ids"] for e in priors]
+        ),  # (N, 6)
     }
     if "seed" in examples[0]:
         batch["seeds"] = torch.tensor([e["seed"] for e in examples] * (2 if priors else 1), dtype=torch.long)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from dallm import tokens
+from dallm import sdxl_export, tokens
 from dallm.card import write_model_card
 from dallm.lora import LORA_WEIGHT_NAME
 from dallm.manifest import save_bytes_atomic, save_safetensors
@@ -221,28 +221,43 @@ def write_trained(
         {"global_step": step, "step": step, "resolution": run.get("resolution"), **kid, "token_files": []}
     )
     meta = {"base_model": str(info["base_model"])}
+    xl = bool(info.get("sdxl"))  # both encoders' rows in every embedding file, SGM kohya names (dallm.sdxl_export)
     if "diffusers" in formats:
         save_bytes_atomic(trained.diffusers_lora, out_dir / LORA_WEIGHT_NAME)
         info["diffusers_file"] = LORA_WEIGHT_NAME
-        paths = tokens.save_token_embeddings(out_dir, trained.embeddings, meta)
+        if xl:
+            paths = sdxl_export.save_token_files(out_dir, trained.embeddings, trained.embeddings_2, meta)
+        else:
+            paths = tokens.save_token_embeddings(out_dir, trained.embeddings, meta)
         info["token_files"] = [p.name for p in paths]
     if toks:
-        save_run_embedding(out_dir / names["embedding"], trained.embeddings, meta)
+        if xl:
+            sdxl_export.save_run_embedding(out_dir / names["embedding"], trained.embeddings, trained.embeddings_2, meta)
+        else:
+            save_run_embedding(out_dir / names["embedding"], trained.embeddings, meta)
         info.update(embedding_file=names["embedding"], trigger=name)
     info["trigger_prompt"] = (
         trigger_prompt(info["instance_prompt"], toks, name) if toks else info["instance_prompt"]
     )
     if {"kohya", "a1111"} & set(formats):
         lora_tensors = kohya_state_dict(trained.unet, trained.text_encoder, info["alpha"])
+        if xl:
+            lora_tensors = sdxl_export.sgm_names(lora_tensors, int(info["unet_layers_per_block"]))
         for fmt in ("kohya", "a1111"):
             if fmt in formats:
                 info[f"{fmt}_file"] = names[fmt]
         metadata = kohya_metadata(info, run, kid)
+        if xl:
+            metadata.update(sdxl_export.METADATA)
         if "kohya" in formats:
             save_kohya(out_dir / names["kohya"], lora_tensors, metadata)
         if "a1111" in formats:
-            rows = torch.stack(list(trained.embeddings.values())) if toks else None
-            bundle = bundled_embedding(name, rows) if rows is not None else {}
+            if xl:
+                rows = sdxl_export.token_rows(trained.embeddings, trained.embeddings_2)
+                bundle = sdxl_export.bundled_embedding(name, rows) if toks else {}
+            else:
+                rows = torch.stack(list(trained.embeddings.values())) if toks else None
+                bundle = bundled_embedding(name, rows) if rows is not None else {}
             save_kohya(out_dir / names["a1111"], {**lora_tensors, **bundle}, metadata)
     info.update(run=run, kid_history=history)
     (out_dir / "dallm.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")

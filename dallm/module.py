@@ -181,6 +181,7 @@ class DallmModule(pl.LightningModule):
         # The checkpoint holds only what trains; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.unet = None
+        self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder (dallm.sdxl)
         self.ema = None
         self.latent_cache: LatentCache | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -211,18 +212,28 @@ class DallmModule(pl.LightningModule):
             dtype=self.frozen_dtype(),
         )
 
-    def attach_base(self, tokenizer, noise_scheduler, text_encoder, vae, unet) -> None:
+    def attach_base(
+        self, tokenizer, noise_scheduler, text_encoder, vae, unet, tokenizer_2=None, text_encoder_2=None
+    ) -> None:
         """Freeze the base parts, add placeholder tokens and LoRA, and make them this module's.
 
         Separate from loading so that benchmarks can attach a full-size architecture with random weights.
+        `tokenizer_2`/`text_encoder_2`: SDXL's second text encoder; the placeholder tokens get rows in both.
         """
         from diffusers.training_utils import cast_training_params
 
         hp = self.hparams
+        if text_encoder_2 is not None and hp.train_text_encoder:
+            raise ValueError(
+                "--model.train_text_encoder: a text-encoder LoRA is not supported for SDXL yet (the placeholder "
+                "tokens are learned in both encoders); set it to false"
+            )
         self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
-        for part in (text_encoder, vae, unet):
-            part.requires_grad_(False)
-            part.eval()
+        self.tokenizer_2 = tokenizer_2
+        for part in (text_encoder, vae, unet, text_encoder_2):
+            if part is not None:
+                part.requires_grad_(False)
+                part.eval()
 
         lora.check_target_modules(unet, hp.target_modules, "--model.target_modules")
         # Each initialisation from its own seed of the run: independent of anything drawn before it.
@@ -244,8 +255,13 @@ class DallmModule(pl.LightningModule):
                 tokens.add_placeholder_tokens(
                     self.tokenizer, text_encoder, list(hp.placeholder_tokens), hp.initializer_token
                 )
+            if text_encoder_2 is not None:  # one row per token in each encoder, as diffusers' SDXL scripts
+                with seeded(init_seed(hp.seed, 4)):
+                    tokens.add_placeholder_tokens(
+                        tokenizer_2, text_encoder_2, list(hp.placeholder_tokens), hp.initializer_token
+                    )
         # Frozen base stays in its (half) dtype; only the trainable parameters are fp32.
-        cast_training_params([unet, text_encoder], dtype=torch.float32)
+        cast_training_params([m for m in (unet, text_encoder, text_encoder_2) if m is not None], dtype=torch.float32)
 
         if hp.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -258,6 +274,7 @@ class DallmModule(pl.LightningModule):
                 vae_identity(vae, str(hp.pretrained_model_name_or_path)), hp.cache_dir
             )
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        self.text_encoder_2 = text_encoder_2
         if hp.get("ema_decay", 0.0) > 0:
             from dallm.ema import WeightAverage
 
@@ -274,6 +291,12 @@ class DallmModule(pl.LightningModule):
         emb = self.text_encoder.get_input_embeddings()
         return emb if isinstance(emb, tokens.PlaceholderEmbedding) else None
 
+    @property
+    def token_embedding_2(self) -> tokens.PlaceholderEmbedding | None:
+        """SDXL's second encoder's placeholder rows (None for SD v1-5)."""
+        emb = self.text_encoder_2.get_input_embeddings() if self.text_encoder_2 is not None else None
+        return emb if isinstance(emb, tokens.PlaceholderEmbedding) else None
+
     def train(self, mode: bool = True):
         """Keep the frozen VAE and text encoder in eval mode whatever Lightning asks.
 
@@ -282,13 +305,16 @@ class DallmModule(pl.LightningModule):
         super().train(mode)
         if self.unet is not None:
             self.vae.eval()
+            if self.text_encoder_2 is not None:
+                self.text_encoder_2.eval()
             if not self.hparams.train_text_encoder:
                 self.text_encoder.eval()
         return self
 
     # ------------------------------------------------------------------ steps
-    def encode_prompts(self, prompts: list[str], cache: bool = True) -> torch.Tensor:
-        """Prompt strings -> CLIP hidden states (N, L, D), each distinct prompt encoded once.
+    def encode_prompts(self, prompts: list[str], cache: bool = True):
+        """Prompt strings -> CLIP hidden states (N, L, D), each distinct prompt encoded once; for SDXL the
+        pair (hidden (N, L, D1 + D2), pooled (N, P)) of dallm.sdxl.encode_prompts.
 
         A prompt without placeholder tokens gives the same states at every step when the text encoder
         has no LoRA (the new rows only change sequences that contain them), so its states are cached.
@@ -306,12 +332,40 @@ class DallmModule(pl.LightningModule):
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0]  # (U, L, D)
+            if self.text_encoder_2 is None:
+                hidden = self.text_encoder(ids)[0]  # (U, L, D)
+            else:
+                from dallm.sdxl import encode_prompts
+
+                pair = encode_prompts([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], todo)
+                hidden = list(zip(*pair, strict=True))  # U x ((L, D1 + D2), (P,))
             for p, h in zip(todo, hidden, strict=True):
                 states[p] = h
                 if cacheable and not any(t in p for t in self.hparams.placeholder_tokens):
-                    self._text_cache[p] = h.detach()
-        return torch.stack([states[p] for p in prompts])
+                    self._text_cache[p] = h.detach() if self.text_encoder_2 is None else tuple(x.detach() for x in h)
+        if self.text_encoder_2 is None:
+            return torch.stack([states[p] for p in prompts])
+        return torch.stack([states[p][0] for p in prompts]), torch.stack([states[p][1] for p in prompts])
+
+    def denoise(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str], time_ids=None, cache: bool = True
+    ) -> torch.Tensor:
+        """The UNet's prediction for noisy latents (N, 4, h, w) at `timesteps` (N,) under `prompts` (N).
+
+        SDXL also takes the pooled embeddings and each image's time ids (N, 6) (the batch's "time_ids"; None:
+        an uncropped image of the latents' size, as the pipeline samples).
+        """
+        cond = self.encode_prompts(prompts, cache)
+        if self.text_encoder_2 is None:
+            return self.unet(noisy, timesteps, cond).sample
+        from dallm import sdxl
+
+        hidden, pooled = cond
+        if time_ids is None:
+            scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            time_ids = sdxl.default_time_ids(len(noisy), noisy.shape[-2] * scale, noisy.shape[-1] * scale, noisy.device)
+        added = sdxl.unet_added_conditions(pooled, time_ids, hidden.dtype)
+        return self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
 
     def step_generator(self, micro_step: int) -> torch.Generator:
         """Noise source for one micro-batch: a pure function of (seed, step, rank), so resume is exact."""
@@ -333,7 +387,7 @@ class DallmModule(pl.LightningModule):
         """The frozen base inside: LoRA layers of the UNet (and text encoder, if it has them) switched off."""
         from diffusers.utils.peft_utils import set_adapter_layers
 
-        parts = [self.unet] + ([self.text_encoder] if self.hparams.train_text_encoder else [])
+        parts = [self.unet] + ([self.text_encoder] if self.hparams.train_text_encoder else [])  # SDXL: no te LoRA
         for part in parts:
             set_adapter_layers(part, enabled=False)
         try:
@@ -445,8 +499,7 @@ class DallmModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def trainable_groups(self) -> list[dict]:
         """Parameter groups: LoRA (optimizer lr) and placeholder tokens (token_lr, no weight decay)."""
-        emb = self.token_embedding
-        token_params = [emb.new_embeddings] if emb is not None else []
+        token_params = [e.new_embeddings for e in (self.token_embedding, self.token_embedding_2) if e is not None]
         token_ids = {id(p) for p in token_params}
         lora_params = [p for p in self.parameters() if p.requires_grad and id(p) not in token_ids]
         groups = [{"params": lora_params, "name": "lora"}]
@@ -504,7 +557,9 @@ class DallmModule(pl.LightningModule):
 
         if scheduler is None:
             scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
-        return pipeline_from_parts(self.tokenizer, self.text_encoder, self.vae, self.unet, scheduler)
+        return pipeline_from_parts(
+            self.tokenizer, self.text_encoder, self.vae, self.unet, scheduler, self.tokenizer_2, self.text_encoder_2
+        )
 
     @torch.no_grad()
     def generate(
@@ -555,6 +610,9 @@ class DallmModule(pl.LightningModule):
             "instance_prompt": hp.instance_prompt,
             "global_step": self.global_step if self._trainer is not None else None,
             "token_files": [tokens.token_file_name(t) for t in hp.placeholder_tokens],
+            # SDXL only (SD v1-5's dallm.json stays as it was): the export writes both encoders' rows
+            **({"sdxl": True, "unet_layers_per_block": self.unet.config.layers_per_block}
+               if self.text_encoder_2 is not None else {}),  # fmt: skip
         }
 
     def export(self, out_dir: str | Path) -> Path:

@@ -114,12 +114,10 @@ def paired_drift(
     try:
         pred = {}
         for prompt in asked:
-            hidden = module.encode_prompts([prompt] * len(latents), cache=False)  # (K, L, D)
-            pred[prompt] = module.unet(noisy, timesteps, hidden).sample.float()
+            pred[prompt] = module.denoise(noisy, timesteps, [prompt] * len(latents), cache=False).float()
             if prompt not in base:
                 with module.base_only():
-                    hidden = module.encode_prompts([prompt] * len(latents), cache=False)
-                    base[prompt] = module.unet(noisy, timesteps, hidden).sample.float()
+                    base[prompt] = module.denoise(noisy, timesteps, [prompt] * len(latents), cache=False).float()
     finally:
         module.train(was_training)
     plain = {p: float((pred[p] - base[p]).pow(2).mean()) for p in prompts}

@@ -40,6 +40,12 @@ def load_pipeline(base: str, lora_dir: Path | None, device: str):
     if lora_dir is not None:
         info = json.loads((lora_dir / "dallm.json").read_text())
         pipe.load_lora_weights(lora_dir, adapter_name="dallm")
+        if info.get("sdxl"):  # both encoders' rows (dallm.sdxl_export)
+            from dallm.sdxl_export import load_tokens_from_export
+
+            load_tokens_from_export(pipe, lora_dir, info)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         files = [str(lora_dir / f) for f in info.get("token_files", [])]
         if files:
             pipe.load_textual_inversion(files)

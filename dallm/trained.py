@@ -9,7 +9,7 @@ base model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class Trained:
     diffusers_lora: bytes  # pytorch_lora_weights.safetensors as diffusers writes it
     embeddings: dict[str, torch.Tensor]  # {token: (D,)} in token order
     info: dict  # DallmModule.export_info(): base model, rank, alpha, targets, tokens, instance prompt, ...
+    embeddings_2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL's second encoder's rows
 
 
 def from_module(module) -> Trained:
@@ -35,13 +36,14 @@ def from_module(module) -> Trained:
     module.check_finite("at the LoRA export")  # lora/last stays the last finite export
     hp = module.hparams
     te = module.text_encoder if hp.train_text_encoder else None
-    emb = module.token_embedding
+    emb, emb_2 = module.token_embedding, module.token_embedding_2
     return Trained(
         unet=lora.peft_state_dict(module.unet),
         text_encoder=lora.peft_state_dict(te) if te is not None else None,
         diffusers_lora=lora.diffusers_lora_bytes(module.unet, te),
         embeddings=tokens.embeddings_by_token(emb, list(hp.placeholder_tokens)) if emb is not None else {},
         info=module.export_info(),
+        embeddings_2=tokens.embeddings_by_token(emb_2, list(hp.placeholder_tokens)) if emb_2 is not None else {},
     )
 
 
@@ -78,7 +80,17 @@ def from_lora_dir(lora_dir: str | Path) -> tuple[Trained, dict]:
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     te = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
     toks = list(info.get("placeholder_tokens") or [])
-    if info.get("embedding_file") and (lora_dir / info["embedding_file"]).is_file():
+    embeddings_2 = {}
+    if info.get("sdxl") and toks:
+        from dallm.sdxl_export import load_embedding
+
+        files = [lora_dir / info["embedding_file"]] if info.get("embedding_file") else []
+        files = [f for f in files if f.is_file()] or [lora_dir / f for f in info.get("token_files") or []]
+        rows = [load_embedding(f) for f in files]
+        embeddings, embeddings_2 = (
+            {t: r for t, r in zip(toks, torch.cat([x[key] for x in rows]), strict=True)} for key in ("clip_l", "clip_g")
+        )
+    elif info.get("embedding_file") and (lora_dir / info["embedding_file"]).is_file():
         rows = load_run_embedding(lora_dir / info["embedding_file"])  # (T, D)
         embeddings = {t: rows[i].clone() for i, t in enumerate(toks)}
     else:
@@ -92,5 +104,6 @@ def from_lora_dir(lora_dir: str | Path) -> tuple[Trained, dict]:
         diffusers_lora=blob,
         embeddings=embeddings,
         info=info,
+        embeddings_2=embeddings_2,
     )
     return trained, info

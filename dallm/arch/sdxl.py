@@ -1,0 +1,87 @@
+"""SDXL-architecture models with random weights: a tiny one for the tests, the published one for benchmarks.
+
+`build_tiny_sdxl` has every part SDXL has (VAE, CLIP text encoder, CLIP text encoder with projection, two
+BPE tokenizers, UNet with the added text-time embedding and cross-attention over both encoders' states)
+at toy size, saved in the diffusers layout, so it loads through the same `from_pretrained(dir)` path as
+SDXL 1.0 base. `save_random_sdxl` writes the published architecture (the JSON configs beside this file,
+copied from stabilityai/stable-diffusion-xl-base-1.0's config files) with random weights and tokenizers
+that keep the paper's prompt words whole, as `dallm.arch.save_random_base("sd15", ...)` does.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def _config(name: str) -> dict:
+    return json.loads((HERE / f"{name}.json").read_text())
+
+
+def _tiny_tokenizers():
+    """Two tiny CLIP BPE tokenizers (dallm.tiny's words); the second pads with "!" as SDXL's tokenizer_2 does."""
+    from transformers import CLIPTokenizer
+
+    from dallm.tiny import write_clip_bpe_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_bpe_files(Path(tmp))
+        files = (f"{tmp}/vocab.json", f"{tmp}/merges.txt")
+        return CLIPTokenizer(*files, model_max_length=77), CLIPTokenizer(*files, model_max_length=77, pad_token="!")
+
+
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, resolution: int = 32):
+    """Build a tiny SDXL pipeline with random weights, save it to `out_dir` (diffusers layout), return it.
+
+    Encoders of width 32 and 32 (projection 32): cross-attention over 64 features, the added embedding over
+    6 time ids x 8 + 32 pooled = 80, as SDXL's 6 x 256 + 1280 = 2816. The UNet keeps SDXL's block layout
+    (a first level without attention, layers_per_block 2, 1 then 2 transformer layers) at toy width, so the
+    kohya block numbering is exercised as for the real model.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dallm.base import pipeline_from_parts
+
+    tokenizer, tokenizer_2 = _tiny_tokenizers()
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common, pad_token_id=tokenizer.pad_token_id))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**common, pad_token_id=tokenizer_2.pad_token_id, projection_dim=32)
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=resolution, scaling_factor=0.13025,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=2,
+        norm_num_groups=8,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon",
+    )  # fmt: skip
+    pipe = pipeline_from_parts(tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2, text_encoder_2)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return pipe
