@@ -289,6 +289,7 @@ class KIDCallback(pl.Callback):
         self.batch_size = batch_size
         self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
+        self.drift_prompts = list(drift_prompts)  # the resume contract records it (dallm.contract)
         self.readouts = readouts.RoundReadouts(drift_prompts)  # toy/* and drift/*
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None

@@ -337,8 +337,10 @@ class DallmModule(pl.LightningModule):
             else:
                 from dallm.sdxl import encode_prompts
 
-                pair = encode_prompts([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], todo)
-                hidden = list(zip(*pair, strict=True))  # U x ((L, D1 + D2), (P,))
+                # Each prompt on its own, as encode_each does for latents: batched, CLIP's states moved in the
+                # 8th digit with the batch's other prompts (which a resume's empty cache changes).
+                parts = [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2]
+                hidden = [tuple(x[0] for x in encode_prompts(*parts, [p])) for p in todo]  # U x ((L, D), (P,))
             for p, h in zip(todo, hidden, strict=True):
                 states[p] = h
                 if cacheable and not any(t in p for t in self.hparams.placeholder_tokens):

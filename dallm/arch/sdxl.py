@@ -85,3 +85,57 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, resolution: int = 32):
     pipe = pipeline_from_parts(tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2, text_encoder_2)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
+
+
+def build_sdxl_components(dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> dict:
+    """SDXL 1.0 base's parts with random weights (the published configs beside this file), in `dtype` on `device`.
+
+    Keys are `DallmModule.attach_base`'s arguments (noise scheduler: DDPM with SDXL's schedule). The UNet
+    (2.6 B) and VAE are filled by `dallm.arch.random_init_`; the text encoders (123 M, 695 M) by their own init.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dallm.arch import _config as sd15_config
+    from dallm.arch import _diffusers_model, sd15_tokenizer
+
+    def text(name: str, config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+
+    torch.manual_seed(seed)
+    tokenizer_2 = sd15_tokenizer()
+    tokenizer_2.pad_token = "!"  # SDXL's tokenizer_2 pads with "!" (id 0), its first one with <|endoftext|>
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text("te", sd15_config("sd15_text_encoder")))).to(dtype)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text("te2", _config("sdxl_text_encoder_2"))))
+        text_encoder_2 = text_encoder_2.to(dtype)
+    return {
+        "tokenizer": sd15_tokenizer(),
+        "noise_scheduler": DDPMScheduler.from_config(_config("sdxl_scheduler")),
+        "text_encoder": text_encoder,
+        "vae": _diffusers_model(AutoencoderKL, _config("sdxl_vae"), device, dtype, seed + 1),
+        "unet": _diffusers_model(UNet2DConditionModel, _config("sdxl_unet"), device, dtype, seed + 2),
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_2": text_encoder_2,
+    }
+
+
+def save_random_sdxl(out_dir: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Write a random-weight SDXL 1.0 base to `out_dir` in its diffusers layout (model_index.json with
+    text_encoder_2/tokenizer_2, EulerDiscreteScheduler, safetensors in `dtype`); return it."""
+    from diffusers import EulerDiscreteScheduler
+
+    from dallm.arch import write_sd15_tokenizer
+    from dallm.base import pipeline_from_parts
+
+    parts = build_sdxl_components(dtype, seed)
+    scheduler = EulerDiscreteScheduler.from_config(_config("sdxl_scheduler"))
+    pipe = pipeline_from_parts(
+        parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], scheduler,
+        parts["tokenizer_2"], parts["text_encoder_2"],
+    )  # fmt: skip
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):  # the published folders hold vocab.json + merges.txt
+        write_sd15_tokenizer(out_dir / folder)
+    return out_dir
