@@ -61,7 +61,7 @@ TRAINER_DEFAULTS = {
 # One line per command; each is a typed function under jsonargparse or its own small parser.
 COMMANDS = {
     "kid": "dallm.kid:kid_main",
-    "teacher": "dallm.teacher:teacher_main",
+    "teacher": "dallm.teacher.command:teacher_main",
     "sample": "dallm.sample:sample_main",
     "export": "dallm.export:export_main",
     "sweep": "dallm.sweep:sweep_main",

@@ -1008,7 +1008,7 @@ def command_parsers() -> dict:
     from dallm.report import report
     from dallm.sample import sample
     from dallm.sweep import sweep_parser
-    from dallm.teacher import teacher_parser
+    from dallm.teacher.command import teacher_parser
 
     subs = build_parser()._subcommands_action._name_parser_map
     out = {"fit": subs["fit"], "validate": subs["validate"], "teacher": teacher_parser(), "kid": kid_parser(),

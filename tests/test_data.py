@@ -194,7 +194,7 @@ def test_val_subfolder_is_picked_up(tmp_path):
 
 
 def test_prior_generation_is_cached_and_extended(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import dallm.generate as generate
+    import dallm.teacher.pipeline as generate
 
     calls = []
     real = generate.generate_with_pipeline
