@@ -25,7 +25,7 @@ from dallm.callbacks import (
     run_dir,
 )
 from dallm.contract import ContractRecord
-from dallm.data import DallmDataModule
+from dallm.data.datamodule import DallmDataModule
 from dallm.errors import PARSER_KWARGS, error_boundary
 from dallm.module import DallmModule
 from dallm.ranges import Count, Seed, plain_numbers

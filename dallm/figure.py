@@ -27,7 +27,7 @@ READOUTS = {
 
 def held_out_teacher(cfg: dict, resolution: int, count: int) -> torch.Tensor | None:
     """The first `count` held-out teacher images of the run's data config, or None when it has none."""
-    from dallm.data import DallmDataModule
+    from dallm.data.datamodule import DallmDataModule
     from dallm.metrics import images_to_tensor
 
     paths = DallmDataModule(**cfg["data"]).val_teacher_paths[:count]

@@ -1,6 +1,6 @@
 """Image files: listing a directory, decoding any file to RGB, resizing the short side.
 
-Shared by training (`dallm.dataset`), measurement (`dallm.metrics`) and collection (`dallm teacher
+Shared by training (`dallm.data.dataset`), measurement (`dallm.metrics`) and collection (`dallm teacher
 --backend folder`), so a file means the same pixels everywhere.
 """
 

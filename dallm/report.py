@@ -145,7 +145,7 @@ class Embedder:
 
     def teacher(self, cfg: dict) -> torch.Tensor:
         """Features of the run's held-out teacher images, as the KID callback computes them."""
-        from dallm.data import DallmDataModule
+        from dallm.data.datamodule import DallmDataModule
         from dallm.metrics import images_to_tensor
 
         data = cfg["data"]

@@ -1,4 +1,4 @@
-"""Tests of dallm.data: the DataModule's teacher/val split, prompts, class images (present, refused, generated), loaders."""
+"""Tests of dallm.data.datamodule: the DataModule's teacher/val split, prompts, class images (present, refused, generated), loaders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dallm.data import DallmDataModule
+from dallm.data.datamodule import DallmDataModule
 from dallm.manifest import append_manifest, lock_directory, read_manifest, sha256_file
 from dallm.tiny import make_tiny_images
 

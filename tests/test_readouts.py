@@ -51,7 +51,7 @@ def test_teacher_images_read_as_teacher_world_circles(toy):
 def test_the_base_models_own_class_images_read_as_base_world_circles(toy, tmp_path):
     # The class images a toy run makes (the data module's own generation, as configs/toy.yaml sets it):
     # the reference the class-prompt readouts are judged against must itself read as the base's circles.
-    from dallm.data import DallmDataModule
+    from dallm.data.datamodule import DallmDataModule
 
     dm = DallmDataModule(
         teacher_dir=str(ROOT / "dallm/toy/assets/teacher"), num_teacher_images=20,

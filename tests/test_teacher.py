@@ -22,7 +22,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from dallm.cli import main
-from dallm.data import DallmDataModule
+from dallm.data.datamodule import DallmDataModule
 from dallm.manifest import lock_directory, read_manifest, sha256_file
 from dallm.teacher.command import teacher_main
 from dallm.teacher.openai import backoff_seconds, retry_after_seconds

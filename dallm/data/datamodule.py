@@ -1,6 +1,6 @@
 """The DataModule: teacher images (train / held-out split, prompts), prior-preservation class images, loaders.
 
-What an example and a batch are is in `dallm.dataset`; the training order in `dallm.stream`; how a
+What an example and a batch are is in `dallm.data.dataset`; the training order in `dallm.data.stream`; how a
 class image is made in `dallm.teacher.pipeline` (the same filler as `dallm teacher --backend diffusers`).
 """
 
@@ -16,11 +16,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from dallm.base import load_base_pipeline, model_id
-from dallm.dataset import TeacherPriorDataset, collate
+from dallm.data.dataset import TeacherPriorDataset, collate
+from dallm.data.stream import StepDataLoader, StepSampler
 from dallm.images import list_images
 from dallm.manifest import lock_directory, manifest_path, read_manifest, remove_stale_temp_files, slot_name
 from dallm.ranges import Count, NonNegativeFinite, NonNegativeInt, Resolution, Seed
-from dallm.stream import StepDataLoader, StepSampler
 from dallm.teacher.pipeline import fill_slots
 from dallm.teacher.slots import DirFlags, Slot, scan
 
