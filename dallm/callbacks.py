@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-from dallm import readouts
 from dallm.base import vae_roundtrip
 from dallm.ema import looked_at
+from dallm.measure import readouts
 from dallm.ranges import AtLeastTwo, Count, NonNegativeFinite, NonNegativeInt, Seed
 
 
@@ -263,7 +263,7 @@ class KIDCallback(pl.Callback):
             seed: first sampling seed; image i uses seed + i, the same at every round. Default: the run's
                 --seed_everything (0 outside the CLI).
             feature_batch_size: images per feature-extractor call.
-            drift_prompts: prompts the run never trains on, for `drift/other` (dallm.readouts); [] for none.
+            drift_prompts: prompts the run never trains on, for `drift/other` (dallm.measure.readouts); [] for none.
         """
         if every_n_steps < 0:
             raise ValueError(f"--kid.every_n_steps must be >= 0, got {every_n_steps}")
@@ -313,7 +313,7 @@ class KIDCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.enabled or stage != "fit":
             return
-        from dallm.metrics import build_feature_extractor
+        from dallm.measure.kid import build_feature_extractor
 
         # Build now so a bad --kid.feature or missing weights fails before any training; a feature net that
         # initialises randomly draws from a forked generator, not the run's.
@@ -351,7 +351,7 @@ class KIDCallback(pl.Callback):
     # ---------------------------------------------------------------- the round
     def features(self, images: torch.Tensor, device) -> torch.Tensor:
         """(N, 3, H, W) images in [0, 1] -> (N, D) fp32 features, on the CPU."""
-        from dallm.metrics import features_of_images
+        from dallm.measure.kid import features_of_images
 
         self._extractor.to(device)
         return features_of_images(images, self._extractor, self.feature_batch_size).float().cpu()
@@ -360,7 +360,7 @@ class KIDCallback(pl.Callback):
         """Features of the teacher (train, val) and class images, computed once per fit."""
         if self._reference:
             return self._reference
-        from dallm.metrics import features_of_paths
+        from dallm.measure.kid import features_of_paths
 
         dm = trainer.datamodule
         sets = {"train": dm.train_teacher_paths, "val": dm.val_teacher_paths}
@@ -409,7 +409,7 @@ class KIDCallback(pl.Callback):
 
     def reference_metrics(self, pl_module, ref: dict[str, torch.Tensor], trainer) -> dict[str, float]:
         """KID train-vs-val teacher images, and held-out teachers vs their VAE reconstructions."""
-        from dallm.metrics import images_to_tensor
+        from dallm.measure.kid import images_to_tensor
 
         out = {}
         if "train" in ref and "val" in ref:
@@ -423,7 +423,7 @@ class KIDCallback(pl.Callback):
         return out
 
     def kid(self, real: torch.Tensor, fake: torch.Tensor):
-        from dallm.metrics import kid_from_features
+        from dallm.measure.kid import kid_from_features
 
         return kid_from_features(
             real, fake, subset_size=self.subset_size, subsets=self.subsets, seed=self.seed
@@ -443,7 +443,7 @@ class KIDCallback(pl.Callback):
     def _run_round(self, trainer, pl_module, step: int) -> None:
         import time
 
-        from dallm.metrics import cmmd_from_features
+        from dallm.measure.kid import cmmd_from_features
 
         start = time.perf_counter()
         ref = self.teacher_features(trainer, pl_module)

@@ -60,7 +60,7 @@ TRAINER_DEFAULTS = {
 # Commands outside LightningCLI: `python -m dallm NAME ARGS...` calls "module:function"(ARGS) -> exit status.
 # One line per command; each is a typed function under jsonargparse or its own small parser.
 COMMANDS = {
-    "kid": "dallm.kid:kid_main",
+    "kid": "dallm.measure.command:kid_main",
     "teacher": "dallm.teacher.command:teacher_main",
     "sample": "dallm.sample:sample_main",
     "export": "dallm.export:export_main",
@@ -219,7 +219,7 @@ class DallmCLI(LightningCLI):
                     f"  kid/val: step {first['step']} {with_se(first, 'kid/val')} -> step {last['step']} "
                     f"{with_se(last, 'kid/val')}" + shown
                 )
-                from dallm.readouts import summary_line
+                from dallm.measure.readouts import summary_line
 
                 for entry in (first, last):  # the base's readouts, then the trained model's
                     if summary_line(entry):

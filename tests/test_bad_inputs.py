@@ -1004,7 +1004,7 @@ def command_parsers() -> dict:
 
     from dallm.cli import build_parser
     from dallm.export import export
-    from dallm.kid import kid_parser
+    from dallm.measure.command import kid_parser
     from dallm.report import report
     from dallm.sample import sample
     from dallm.sweep import sweep_parser

@@ -1,4 +1,4 @@
-"""The readouts a person would agree with (dallm.readouts) and the base-prediction term (--model.hold_weight).
+"""The readouts a person would agree with (dallm.measure.readouts) and the base-prediction term (--model.hold_weight).
 
 The toy heads are checked against image sets made by hand with the toy world's own renderers and the
 shipped teacher images; the paired drift and the hold term against a LoRA that is zero and one that is not.
@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_module import PROMPT, fake_batch, make_module
 
-from dallm import readouts
-from dallm.metrics import build_feature_extractor, features_of_paths
+from dallm.measure import readouts
+from dallm.measure.kid import build_feature_extractor, features_of_paths
 from dallm.step import held_prompts
 from dallm.toy import world
 
