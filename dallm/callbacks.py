@@ -25,7 +25,7 @@ class LoraExport(pl.Callback):
     """Export the LoRA + token embeddings at every checkpoint and at the end of training, in every format.
 
     Writes `<run dir>/lora/step=NNNNNN/` (diffusers files, the kohya file, the run's embedding, a model card;
-    see `dallm.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
+    see `dallm.export.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
     best-KID checkpoint (`checkpoints/best.ckpt`, a ModelCheckpoint monitoring kid/val) is saved. Global rank
     0 writes.
     """
@@ -37,7 +37,7 @@ class LoraExport(pl.Callback):
             formats: export formats: diffusers (load_lora_weights + token files), kohya (for A1111, Forge,
                 ComfyUI and kohya, beside the run's embedding file), a1111 (the embedding bundled inside).
         """
-        from dallm.formats import check_formats
+        from dallm.export.formats import check_formats
 
         self.enabled = enabled
         self.formats = check_formats(list(formats), "--export.formats")
@@ -52,7 +52,7 @@ class LoraExport(pl.Callback):
         self.run_info = dict(state_dict.get("run_info") or {})
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from dallm.formats import run_name
+        from dallm.export.formats import run_name
 
         dm = trainer.datamodule
         hp = getattr(dm, "hparams", {})
@@ -74,7 +74,7 @@ class LoraExport(pl.Callback):
         self._best_score = _score(best.best_model_score) if best is not None else None
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
-        from dallm.formats import copy_export, write_exports
+        from dallm.export.formats import copy_export, write_exports
 
         step = trainer.global_step
         if not self.enabled or self._exported_step == step:
@@ -107,7 +107,7 @@ class LoraExport(pl.Callback):
 
     def export_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refresh lora/best when the best-KID checkpoint has just taken a new best (it is being saved now)."""
-        from dallm.formats import copy_export
+        from dallm.export.formats import copy_export
 
         best = best_checkpoint_callback(trainer)
         score = _score(best.best_model_score) if best is not None else None

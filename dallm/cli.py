@@ -62,8 +62,8 @@ TRAINER_DEFAULTS = {
 COMMANDS = {
     "kid": "dallm.measure.command:kid_main",
     "teacher": "dallm.teacher.command:teacher_main",
-    "sample": "dallm.sample:sample_main",
-    "export": "dallm.export:export_main",
+    "sample": "dallm.export.sample:sample_main",
+    "export": "dallm.export.command:export_main",
     "sweep": "dallm.sweep:sweep_main",
     "report": "dallm.report:report_main",
 }
@@ -199,7 +199,7 @@ class DallmCLI(LightningCLI):
             print(f"  TensorBoard: tensorboard --logdir {out.parent}")
             print(f"  checkpoints: {out / 'checkpoints'}   (resume: --ckpt_path last)")
             print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}   (look at it: python -m dallm sample --lora {out})")
-            from dallm.card import trigger_summary
+            from dallm.export.card import trigger_summary
 
             trigger = trigger_summary(out / "lora" / "last")
             if trigger:

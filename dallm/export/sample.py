@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from dallm.base import SCHEDULERS, make_scheduler
+from dallm.export.trained import resolve_lora_dir
 from dallm.ranges import Count, Finite, NonNegativeFinite, Resolution
-from dallm.trained import resolve_lora_dir
 
 
 def parse_seeds(spec: str | int | list[int]) -> list[int]:
