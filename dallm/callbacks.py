@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-from dallm import readouts
 from dallm.base import vae_roundtrip
 from dallm.ema import looked_at
+from dallm.measure import readouts
 from dallm.ranges import AtLeastTwo, Count, NonNegativeFinite, NonNegativeInt, Seed
 
 
@@ -25,7 +25,7 @@ class LoraExport(pl.Callback):
     """Export the LoRA + token embeddings at every checkpoint and at the end of training, in every format.
 
     Writes `<run dir>/lora/step=NNNNNN/` (diffusers files, the kohya file, the run's embedding, a model card;
-    see `dallm.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
+    see `dallm.export.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
     best-KID checkpoint (`checkpoints/best.ckpt`, a ModelCheckpoint monitoring kid/val) is saved. Global rank
     0 writes.
     """
@@ -37,7 +37,7 @@ class LoraExport(pl.Callback):
             formats: export formats: diffusers (load_lora_weights + token files), kohya (for A1111, Forge,
                 ComfyUI and kohya, beside the run's embedding file), a1111 (the embedding bundled inside).
         """
-        from dallm.formats import check_formats
+        from dallm.export.formats import check_formats
 
         self.enabled = enabled
         self.formats = check_formats(list(formats), "--export.formats")
@@ -52,7 +52,7 @@ class LoraExport(pl.Callback):
         self.run_info = dict(state_dict.get("run_info") or {})
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from dallm.formats import run_name
+        from dallm.export.formats import run_name
 
         dm = trainer.datamodule
         hp = getattr(dm, "hparams", {})
@@ -74,7 +74,7 @@ class LoraExport(pl.Callback):
         self._best_score = _score(best.best_model_score) if best is not None else None
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
-        from dallm.formats import copy_export, write_exports
+        from dallm.export.formats import copy_export, write_exports
 
         step = trainer.global_step
         if not self.enabled or self._exported_step == step:
@@ -107,7 +107,7 @@ class LoraExport(pl.Callback):
 
     def export_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refresh lora/best when the best-KID checkpoint has just taken a new best (it is being saved now)."""
-        from dallm.formats import copy_export
+        from dallm.export.formats import copy_export
 
         best = best_checkpoint_callback(trainer)
         score = _score(best.best_model_score) if best is not None else None
@@ -263,7 +263,7 @@ class KIDCallback(pl.Callback):
             seed: first sampling seed; image i uses seed + i, the same at every round. Default: the run's
                 --seed_everything (0 outside the CLI).
             feature_batch_size: images per feature-extractor call.
-            drift_prompts: prompts the run never trains on, for `drift/other` (dallm.readouts); [] for none.
+            drift_prompts: prompts the run never trains on, for `drift/other` (dallm.measure.readouts); [] for none.
         """
         if every_n_steps < 0:
             raise ValueError(f"--kid.every_n_steps must be >= 0, got {every_n_steps}")
@@ -314,7 +314,7 @@ class KIDCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.enabled or stage != "fit":
             return
-        from dallm.metrics import build_feature_extractor
+        from dallm.measure.kid import build_feature_extractor
 
         # Build now so a bad --kid.feature or missing weights fails before any training; a feature net that
         # initialises randomly draws from a forked generator, not the run's.
@@ -352,7 +352,7 @@ class KIDCallback(pl.Callback):
     # ---------------------------------------------------------------- the round
     def features(self, images: torch.Tensor, device) -> torch.Tensor:
         """(N, 3, H, W) images in [0, 1] -> (N, D) fp32 features, on the CPU."""
-        from dallm.metrics import features_of_images
+        from dallm.measure.kid import features_of_images
 
         self._extractor.to(device)
         return features_of_images(images, self._extractor, self.feature_batch_size).float().cpu()
@@ -361,7 +361,7 @@ class KIDCallback(pl.Callback):
         """Features of the teacher (train, val) and class images, computed once per fit."""
         if self._reference:
             return self._reference
-        from dallm.metrics import features_of_paths
+        from dallm.measure.kid import features_of_paths
 
         dm = trainer.datamodule
         sets = {"train": dm.train_teacher_paths, "val": dm.val_teacher_paths}
@@ -410,7 +410,7 @@ class KIDCallback(pl.Callback):
 
     def reference_metrics(self, pl_module, ref: dict[str, torch.Tensor], trainer) -> dict[str, float]:
         """KID train-vs-val teacher images, and held-out teachers vs their VAE reconstructions."""
-        from dallm.metrics import images_to_tensor
+        from dallm.measure.kid import images_to_tensor
 
         out = {}
         if "train" in ref and "val" in ref:
@@ -424,7 +424,7 @@ class KIDCallback(pl.Callback):
         return out
 
     def kid(self, real: torch.Tensor, fake: torch.Tensor):
-        from dallm.metrics import kid_from_features
+        from dallm.measure.kid import kid_from_features
 
         return kid_from_features(
             real, fake, subset_size=self.subset_size, subsets=self.subsets, seed=self.seed
@@ -444,7 +444,7 @@ class KIDCallback(pl.Callback):
     def _run_round(self, trainer, pl_module, step: int) -> None:
         import time
 
-        from dallm.metrics import cmmd_from_features
+        from dallm.measure.kid import cmmd_from_features
 
         start = time.perf_counter()
         ref = self.teacher_features(trainer, pl_module)

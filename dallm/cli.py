@@ -25,7 +25,7 @@ from dallm.callbacks import (
     run_dir,
 )
 from dallm.contract import ContractRecord
-from dallm.data import DallmDataModule
+from dallm.data.datamodule import DallmDataModule
 from dallm.errors import PARSER_KWARGS, error_boundary
 from dallm.module import DallmModule
 from dallm.ranges import Count, Seed, plain_numbers
@@ -60,10 +60,10 @@ TRAINER_DEFAULTS = {
 # Commands outside LightningCLI: `python -m dallm NAME ARGS...` calls "module:function"(ARGS) -> exit status.
 # One line per command; each is a typed function under jsonargparse or its own small parser.
 COMMANDS = {
-    "kid": "dallm.kid:kid_main",
-    "teacher": "dallm.teacher:teacher_main",
-    "sample": "dallm.sample:sample_main",
-    "export": "dallm.export:export_main",
+    "kid": "dallm.measure.command:kid_main",
+    "teacher": "dallm.teacher.command:teacher_main",
+    "sample": "dallm.export.sample:sample_main",
+    "export": "dallm.export.command:export_main",
     "sweep": "dallm.sweep:sweep_main",
     "report": "dallm.report:report_main",
 }
@@ -199,7 +199,7 @@ class DallmCLI(LightningCLI):
             print(f"  TensorBoard: tensorboard --logdir {out.parent}")
             print(f"  checkpoints: {out / 'checkpoints'}   (resume: --ckpt_path last)")
             print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}   (look at it: python -m dallm sample --lora {out})")
-            from dallm.card import trigger_summary
+            from dallm.export.card import trigger_summary
 
             trigger = trigger_summary(out / "lora" / "last")
             if trigger:
@@ -219,7 +219,7 @@ class DallmCLI(LightningCLI):
                     f"  kid/val: step {first['step']} {with_se(first, 'kid/val')} -> step {last['step']} "
                     f"{with_se(last, 'kid/val')}" + shown
                 )
-                from dallm.readouts import summary_line
+                from dallm.measure.readouts import summary_line
 
                 for entry in (first, last):  # the base's readouts, then the trained model's
                     if summary_line(entry):

@@ -27,8 +27,8 @@ READOUTS = {
 
 def held_out_teacher(cfg: dict, resolution: int, count: int) -> torch.Tensor | None:
     """The first `count` held-out teacher images of the run's data config, or None when it has none."""
-    from dallm.data import DallmDataModule
-    from dallm.metrics import images_to_tensor
+    from dallm.data.datamodule import DallmDataModule
+    from dallm.measure.kid import images_to_tensor
 
     paths = DallmDataModule(**cfg["data"]).val_teacher_paths[:count]
     return images_to_tensor(paths, size=resolution) if paths else None
@@ -142,7 +142,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> int:
     lines = [f"# Run `{run_dir}`", "", f"![the run: images and curves]({png.name})", "",
              "Images: the KID rounds' fixed sampling seeds, one column per seed; base = the step-0 round, "
              "trained = the last round. `toy/*`: shares the toy feature net's heads give the 20 samples of "
-             "each round; `drift/*`: paired drift of the noise prediction from the base's (dallm.readouts).", "",
+             "each round; `drift/*`: paired drift of the noise prediction from the base's (dallm.measure.readouts).", "",
              *readout_table(read_scalars(run_dir))]  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -65,7 +65,7 @@ def prime_class_images(arg_lists: list[list[str]]) -> None:
     import warnings
 
     from dallm.cli import TRAINER_DEFAULTS, DallmCLI
-    from dallm.data import DallmDataModule
+    from dallm.data.datamodule import DallmDataModule
     from dallm.module import DallmModule
 
     seen_args, done = set(), set()

@@ -169,7 +169,7 @@ def check_kid_feature(kid: Any) -> None:
     """--kid.feature's form (and a module: callable's import) before the class images, not at KID setup."""
     if kid is None or not kid.get("every_n_steps"):
         return
-    from dallm.features import check_feature_spec
+    from dallm.measure.features import check_feature_spec
 
     try:
         check_feature_spec(str(kid.get("feature")), kid.get("weights"))

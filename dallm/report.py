@@ -130,7 +130,7 @@ class Embedder:
         self._teacher: dict[tuple, torch.Tensor] = {}
 
     def extractor(self, kid: dict):
-        from dallm.metrics import build_feature_extractor
+        from dallm.measure.kid import build_feature_extractor
 
         key = (kid["feature"], kid.get("weights"))
         if key not in self._extractors:
@@ -138,15 +138,15 @@ class Embedder:
         return self._extractors[key]
 
     def features(self, images: torch.Tensor, kid: dict) -> torch.Tensor:
-        from dallm.metrics import features_of_images
+        from dallm.measure.kid import features_of_images
 
         extractor = self.extractor(kid)
         return features_of_images(images, extractor, kid.get("feature_batch_size", 32)).float().cpu()
 
     def teacher(self, cfg: dict) -> torch.Tensor:
         """Features of the run's held-out teacher images, as the KID callback computes them."""
-        from dallm.data import DallmDataModule
-        from dallm.metrics import images_to_tensor
+        from dallm.data.datamodule import DallmDataModule
+        from dallm.measure.kid import images_to_tensor
 
         data = cfg["data"]
         dm = DallmDataModule(**data)
@@ -170,10 +170,10 @@ class Embedder:
 
 
 def relative_test(real: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor) -> dict[str, Any]:
-    """dallm.metrics.relative_kid_test as a dict (the relative MMD test of Bounliphone et al. 2016)."""
+    """dallm.measure.kid.relative_kid_test as a dict (the relative MMD test of Bounliphone et al. 2016)."""
     from dataclasses import asdict, is_dataclass
 
-    from dallm.metrics import relative_kid_test
+    from dallm.measure.kid import relative_kid_test
 
     result = relative_kid_test(real, fake_a, fake_b)
     return asdict(result) if is_dataclass(result) else dict(result)
@@ -353,7 +353,7 @@ def report(
 
 def relative_section(fams: list, stats: dict, summary: dict, device: str) -> list[str]:
     """Markdown of the relative tests between every pair of settings of each family."""
-    from dallm.metrics import kid_from_features
+    from dallm.measure.kid import kid_from_features
 
     embed = Embedder(device)
     feats: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -381,10 +381,10 @@ def relative_section(fams: list, stats: dict, summary: dict, device: str) -> lis
         lines += [f"Check: KID recomputed from the saved sample grids matches the logged `kid/val` of "
                   f"{len(check)} runs to within {max(check):.1e}.", ""]  # fmt: skip
         summary["recompute_max_abs_diff"] = max(check)
-    import dallm.metrics
+    import dallm.measure.kid
 
-    if not hasattr(dallm.metrics, "relative_kid_test"):
-        return [*lines, "Not run: this dallm has no `dallm.metrics.relative_kid_test`."]
+    if not hasattr(dallm.measure.kid, "relative_kid_test"):
+        return [*lines, "Not run: this dallm has no `dallm.measure.kid.relative_kid_test`."]
     lines += [
         "| A | B | n per side | KID A | KID B | A - B ± se | p (A closer) | p (B closer) | per-seed p (A closer) |",
         "|---|---|---|---|---|---|---|---|---|",

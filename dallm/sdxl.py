@@ -8,7 +8,7 @@ SDXL differs from SD v1-5 where dallm touches it in four places, all here:
   (`encode_prompts`); the empty prompt is zeros when the pipeline's `force_zeros_for_empty_prompt` says so,
   which is what classifier-free guidance extrapolates from at sampling;
 - the added time ids (original height, width, crop top, left, target height, width) of each training
-  image, from its real size and crop (`time_ids`; the dataset carries them, `dallm.dataset`);
+  image, from its real size and crop (`time_ids`; the dataset carries them, `dallm.data.dataset`);
 - the pipeline that samples: `StableDiffusionXLPipeline` (`pipeline_from_parts`).
 """
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dallm.arch import build_components, save_random_inception
-from dallm.metrics import build_feature_extractor, features_of_images, kid_from_features
+from dallm.measure.kid import build_feature_extractor, features_of_images, kid_from_features
 from dallm.module import DallmModule
 
 PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"

@@ -28,7 +28,7 @@ from PIL import Image
 
 from dallm.base import vae_roundtrip
 from dallm.manifest import append_manifest, save_png_atomic, slot_name
-from dallm.metrics import kid_from_features
+from dallm.measure.kid import kid_from_features
 from dallm.tiny import write_clip_bpe_files
 from dallm.toy import world
 from dallm.toy.features import ToyFeatureNet

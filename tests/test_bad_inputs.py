@@ -1003,12 +1003,12 @@ def command_parsers() -> dict:
     from jsonargparse import ArgumentParser
 
     from dallm.cli import build_parser
-    from dallm.export import export
-    from dallm.kid import kid_parser
+    from dallm.export.command import export
+    from dallm.export.sample import sample
+    from dallm.measure.command import kid_parser
     from dallm.report import report
-    from dallm.sample import sample
     from dallm.sweep import sweep_parser
-    from dallm.teacher import teacher_parser
+    from dallm.teacher.command import teacher_parser
 
     subs = build_parser()._subcommands_action._name_parser_map
     out = {"fit": subs["fit"], "validate": subs["validate"], "teacher": teacher_parser(), "kid": kid_parser(),

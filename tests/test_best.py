@@ -148,7 +148,7 @@ def test_toy_run_best_is_the_argmin_of_kid_and_sample_uses_it(tmp_path):
 def test_dora_and_noise_offset_train_and_their_export_loads_in_diffusers(tmp_path):
     from test_export import PROMPT, image, pipeline
 
-    from dallm.sample import make_scheduler
+    from dallm.export.sample import make_scheduler
 
     cli = main(
         ["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dallm.cache import LatentCache, vae_identity
-from dallm.dataset import TeacherPriorDataset, collate
+from dallm.data.dataset import TeacherPriorDataset, collate
 from dallm.module import DallmModule
 from dallm.tiny import make_tiny_images
 

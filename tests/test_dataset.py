@@ -1,4 +1,4 @@
-"""Tests of dallm.dataset: seeded preprocessing and the batch contract."""
+"""Tests of dallm.data.dataset: seeded preprocessing and the batch contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dallm.dataset import TeacherPriorDataset, collate, preprocess
+from dallm.data.dataset import TeacherPriorDataset, collate, preprocess
 
 
 def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:

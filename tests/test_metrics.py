@@ -1,4 +1,4 @@
-"""KID / CMMD and their feature extractors (dallm.metrics), and the `dallm kid` command."""
+"""KID / CMMD and their feature extractors (dallm.measure.kid), and the `dallm kid` command."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from dallm.cli import main
-from dallm.features import clean_resize
 from dallm.images import load_rgb
-from dallm.metrics import (
+from dallm.measure.features import clean_resize
+from dallm.measure.kid import (
     INCEPTION_ENV,
     INCEPTION_FILE,
     build_feature_extractor,

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_resume_curves import Interrupted
 
-from dallm.dataset import TeacherPriorDataset, collate
+from dallm.data.dataset import TeacherPriorDataset, collate
 from dallm.sdxl import is_sdxl_model
 
 PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"
@@ -93,7 +93,7 @@ def test_the_unet_sees_the_time_ids_and_both_encoders(tiny_sdxl):
 def test_tiny_sdxl_trains_resumes_exactly_and_exports_for_diffusers(tmp_path, tiny_sdxl, teacher):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-    from dallm.export import module_from_checkpoint
+    from dallm.export.command import module_from_checkpoint
     from dallm.resume import load_checkpoint
 
     straight = tmp_path / "straight"
@@ -162,7 +162,7 @@ def test_tiny_sdxl_trains_resumes_exactly_and_exports_for_diffusers(tmp_path, ti
     assert np.abs(image(loaded(), trigger) - ours).max() > 1e-2  # the base alone differs
 
     # `dallm export` of the export dir: the a1111 file with the SDXL bundle, the same kohya tensors
-    from dallm.export import export
+    from dallm.export.command import export
 
     export(str(out), format="diffusers,kohya,a1111", out=str(tmp_path / "again"))
     bundle = load_file(tmp_path / "again" / f"{info['trigger']}-a1111.safetensors")
@@ -172,7 +172,7 @@ def test_tiny_sdxl_trains_resumes_exactly_and_exports_for_diffusers(tmp_path, ti
     assert again.keys() == kohya.keys() and all(torch.equal(again[k], kohya[k]) for k in kohya)
 
     # `dallm sample` loads it the same way (both encoders) and gives the same picture with the trigger word
-    from dallm.sample import sample
+    from dallm.export.sample import sample
 
     sample(str(out), prompt=[trigger], seeds="7", steps=3, scheduler="ddim", out=str(tmp_path / "s"), device="cpu")
     got = np.asarray(Image.open(tmp_path / "s" / "p0_scale1_seed7.png"), dtype=np.float32) / 255

@@ -1,9 +1,9 @@
-"""The formats a trained LoRA is exported in, for the tools people use (the command is dallm.export).
+"""The formats a trained LoRA is exported in, for the tools people use (the command is dallm.export.command).
 
 Formats, all in one directory per exported step (`<name>` is the run's name, e.g. `toy-v0`):
 - always, when the run learned tokens: `<name>.safetensors`, both token rows as ONE multi-vector
   textual-inversion embedding `{"emb_params": (T, D)}`, so `<name>` is the one trigger word in every tool
-  (see dallm.trigger).
+  (see dallm.export.trigger).
 - `diffusers`: `pytorch_lora_weights.safetensors` + one textual-inversion file per token, `{token: (1, D)}`
   (`load_lora_weights` + `load_textual_inversion`).
 - `kohya`: `<name>-lora.safetensors`, kohya's `lora_unet_*`/`lora_te_*` keys with `.alpha` and kohya's
@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from dallm import sdxl_export, tokens
-from dallm.card import write_model_card
+from dallm import tokens
+from dallm.export import sdxl as sdxl_export
+from dallm.export.card import write_model_card
+from dallm.export.trained import Trained, from_module
+from dallm.export.trigger import check_trigger_name, safe_name, save_run_embedding, trigger_prompt
 from dallm.lora import LORA_WEIGHT_NAME
 from dallm.manifest import save_bytes_atomic, save_safetensors
-from dallm.trained import Trained, from_module
-from dallm.trigger import check_trigger_name, safe_name, save_run_embedding, trigger_prompt
 
 FORMATS = ("diffusers", "kohya", "a1111")
 DEFAULT_FORMATS = ["diffusers", "kohya"]
@@ -55,7 +56,7 @@ def check_formats(formats: list[str], flag: str = "--format") -> list[str]:
 def run_name(run_dir: str | Path) -> str:
     """The run's name, the trigger word and the files' stem: `<logger name>-v<k>` for lightning_logs/<name>/version_k.
 
-    Characters a tool's prompt syntax would take apart become `-` (see `dallm.trigger.safe_name`).
+    Characters a tool's prompt syntax would take apart become `-` (see `dallm.export.trigger.safe_name`).
     """
     run_dir = Path(run_dir).resolve()
     if run_dir.name.startswith("version_"):
@@ -221,7 +222,7 @@ def write_trained(
         {"global_step": step, "step": step, "resolution": run.get("resolution"), **kid, "token_files": []}
     )
     meta = {"base_model": str(info["base_model"])}
-    xl = bool(info.get("sdxl"))  # both encoders' rows in every embedding file, SGM kohya names (dallm.sdxl_export)
+    xl = bool(info.get("sdxl"))  # both encoders' rows in every embedding file, SGM kohya names (dallm.export.sdxl)
     if "diffusers" in formats:
         save_bytes_atomic(trained.diffusers_lora, out_dir / LORA_WEIGHT_NAME)
         info["diffusers_file"] = LORA_WEIGHT_NAME

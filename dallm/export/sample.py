@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from dallm.base import SCHEDULERS, make_scheduler
+from dallm.export.trained import resolve_lora_dir
 from dallm.ranges import Count, Finite, NonNegativeFinite, Resolution
-from dallm.trained import resolve_lora_dir
 
 
 def parse_seeds(spec: str | int | list[int]) -> list[int]:
@@ -40,8 +40,8 @@ def load_pipeline(base: str, lora_dir: Path | None, device: str):
     if lora_dir is not None:
         info = json.loads((lora_dir / "dallm.json").read_text())
         pipe.load_lora_weights(lora_dir, adapter_name="dallm")
-        if info.get("sdxl"):  # both encoders' rows (dallm.sdxl_export)
-            from dallm.sdxl_export import load_tokens_from_export
+        if info.get("sdxl"):  # both encoders' rows (dallm.export.sdxl)
+            from dallm.export.sdxl import load_tokens_from_export
 
             load_tokens_from_export(pipe, lora_dir, info)
             pipe.set_progress_bar_config(disable=True)

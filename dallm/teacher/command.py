@@ -1,13 +1,13 @@
 """`dallm teacher`: collect teacher images into a directory, resumably, from one of three backends.
 
-- `openai`: DALL-E 2/3 or gpt-image-1 through the Images API (`dallm.openai_teacher`);
-- `diffusers`: any diffusers text-to-image pipeline (`dallm.generate`, the filler that also makes the
+- `openai`: DALL-E 2/3 or gpt-image-1 through the Images API (`dallm.teacher.openai`);
+- `diffusers`: any diffusers text-to-image pipeline (`dallm.teacher.pipeline`, the filler that also makes the
   DataModule's prior-preservation class images);
 - `folder`: images that already exist, validated and converted to RGB PNG.
 
 The command is the typed function `teacher` (its docstring is `--help`); what differs between backends is
 behind `Backend`, and everything else (lock, plan, resume, summary) is shared. The directory layout, what
-counts as present and the plan are in `dallm.teacher_dir`; the manifest and atomic writes in
+counts as present and the plan are in `dallm.teacher.slots`; the manifest and atomic writes in
 `dallm.manifest`. This is a command module: the library never imports it.
 """
 
@@ -23,7 +23,7 @@ from dallm.errors import PARSER_KWARGS, DallmError
 from dallm.images import list_images
 from dallm.manifest import lock_directory, remove_stale_temp_files
 from dallm.ranges import Count, NonNegativeFinite, NonNegativeInt, PositiveFinite, Seed, UnitIntervalOpenRight
-from dallm.teacher_dir import (
+from dallm.teacher.slots import (
     VAL_DIR,
     DirState,
     Plan,
@@ -39,7 +39,7 @@ from dallm.teacher_dir import (
 )
 
 if TYPE_CHECKING:
-    from dallm.openai_teacher import OpenAIRequest
+    from dallm.teacher.openai import OpenAIRequest
 
 __all__ = ["teacher", "teacher_main"]
 
@@ -79,7 +79,7 @@ class OpenAIBackend(Backend):
     own = ("quality", "style", "base_url", "max_cost")
 
     def __init__(self, f: dict[str, Any]) -> None:
-        from dallm.openai_teacher import resolve_request
+        from dallm.teacher.openai import resolve_request
 
         self.f = f
         self.request: OpenAIRequest = resolve_request(
@@ -105,13 +105,13 @@ class OpenAIBackend(Backend):
         return self.request.settings(), f"openai {self.request.model} {self.request.size}"
 
     def prepare(self, plan: Plan) -> None:
-        from dallm.openai_teacher import count_requests
+        from dallm.teacher.openai import count_requests
 
         plan.requests = count_requests(len(plan.state.missing), self.request.spec.max_per_request)
         plan.usd_per_image, plan.price_note = self.request.price()
 
     def make(self, state: DirState, slots: list[Slot]) -> tuple[int, list[str], str | None]:
-        from dallm.openai_teacher import run_openai
+        from dallm.teacher.openai import run_openai
 
         f = self.f
         stats = run_openai(
@@ -162,7 +162,7 @@ class DiffusersBackend(Backend):
 
     def make(self, state: DirState, slots: list[Slot]) -> tuple[int, list[str], str | None]:
         from dallm.base import load_text2image_pipeline, model_id
-        from dallm.generate import fill_slots
+        from dallm.teacher.pipeline import fill_slots
 
         f = self.f
         print(f"dallm teacher: loading {f['model']}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """The DataModule: teacher images (train / held-out split, prompts), prior-preservation class images, loaders.
 
-What an example and a batch are is in `dallm.dataset`; the training order in `dallm.stream`; how a
-class image is made in `dallm.generate` (the same filler as `dallm teacher --backend diffusers`).
+What an example and a batch are is in `dallm.data.dataset`; the training order in `dallm.data.stream`; how a
+class image is made in `dallm.teacher.pipeline` (the same filler as `dallm teacher --backend diffusers`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dallm.base import load_base_pipeline, model_id
-from dallm.dataset import TeacherPriorDataset, collate
-from dallm.generate import fill_slots
+from dallm.data.dataset import TeacherPriorDataset, collate
+from dallm.data.stream import StepDataLoader, StepSampler
 from dallm.images import list_images
 from dallm.manifest import lock_directory, manifest_path, read_manifest, remove_stale_temp_files, slot_name
 from dallm.ranges import Count, NonNegativeFinite, NonNegativeInt, Resolution, Seed
-from dallm.stream import StepDataLoader, StepSampler
-from dallm.teacher_dir import DirFlags, Slot, scan
+from dallm.teacher.pipeline import fill_slots
+from dallm.teacher.slots import DirFlags, Slot, scan
 
 # Class-image directories are checked as teacher directories are, with the DataModule's flags in messages.
 PRIOR_FLAGS = DirFlags(
@@ -214,7 +214,7 @@ class DallmDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the class images that prior_dir lacks (Lightning runs this once per node).
 
-        A class image is present as a teacher image is (`dallm.teacher_dir.scan`): its file, its sha256
+        A class image is present as a teacher image is (`dallm.teacher.slots.scan`): its file, its sha256
         in the manifest, and the manifest's prompt, model, steps and guidance equal to this run's; other
         settings are refused, naming the flag. The directory is locked while it is filled, and temp files
         of a killed earlier run are removed first.

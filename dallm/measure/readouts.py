@@ -84,7 +84,7 @@ def drift_fixture(
 @torch.no_grad()
 def encode_fixture(module, paths: Sequence, resolution: int, seed: int) -> tuple[torch.Tensor, ...]:
     """`drift_fixture` on the VAE latents (the posterior means: no sampling) of the images in `paths`."""
-    from dallm.metrics import images_to_tensor
+    from dallm.measure.kid import images_to_tensor
 
     pixels = images_to_tensor(list(paths), size=resolution).to(module.device, module.vae.dtype) * 2 - 1
     # One image at a time, as the training cache encodes (a batched conv may sum in another order).

@@ -1,4 +1,4 @@
-"""What an SDXL export writes differently from SD v1-5's (dallm.formats writes the rest the same way).
+"""What an SDXL export writes differently from SD v1-5's (dallm.export.formats writes the rest the same way).
 
 - Token rows: one per encoder. Every embedding file holds both, `{"clip_l": (T, 768), "clip_g": (T, 1280)}`,
   the SDXL embedding format of AUTOMATIC1111, Forge and ComfyUI; diffusers loads each key into its encoder

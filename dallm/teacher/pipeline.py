@@ -2,7 +2,7 @@
 
 The one diffusers filler: `dallm teacher --backend diffusers` fills a teacher directory with it, and the
 DataModule fills `--data.prior_dir` with the base model's class images. Which slots are missing is
-decided by `dallm.teacher_dir.scan` (present = file + sha256 + settings); this module only makes them.
+decided by `dallm.teacher.slots.scan` (present = file + sha256 + settings); this module only makes them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dallm.manifest import append_manifest, save_png_atomic, slot_name, utc_now
-from dallm.teacher_dir import Slot
+from dallm.teacher.slots import Slot
 
 
 def consecutive_runs(indices: Iterable[int]) -> list[list[int]]:

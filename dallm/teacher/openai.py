@@ -16,7 +16,7 @@ What happens on each kind of failure:
 | 200 with malformed JSON or base64 | error naming the request id; its good images and all others are kept |
 | 200 with `url` items instead of `b64_json` | each image downloaded (it is paid for), without the key |
 
-Each image's manifest record is also inside its PNG (`dallm.openai_images.with_record`), written in the
+Each image's manifest record is also inside its PNG (`dallm.teacher.openai_images.with_record`), written in the
 same atomic step: a kill between the file and its manifest line costs nothing, the next run adopts it.
 Nothing is paid twice except the requests in flight at a kill.
 
@@ -41,14 +41,14 @@ from typing import Any
 from dallm.manifest import append_manifest, save_bytes_atomic, utc_from_unix, utc_now
 
 # The model table and the response decoding were part of this module; their names stay importable here.
-from dallm.openai_images import (  # noqa: F401
+from dallm.teacher.openai_images import (  # noqa: F401
     DecodedImage,
     MalformedResponse,
     decode_response,
     url_downloader,
     with_record,
 )
-from dallm.openai_models import (  # noqa: F401
+from dallm.teacher.openai_models import (  # noqa: F401
     MODELS,
     PRICES_DATE,
     PRICES_SOURCE,
@@ -58,7 +58,7 @@ from dallm.openai_models import (  # noqa: F401
     count_requests,
     resolve_request,
 )
-from dallm.teacher_dir import Slot
+from dallm.teacher.slots import Slot
 
 REFUSAL_CODES = ("content_policy_violation", "moderation_blocked")
 # A 429 with this code is an empty prepaid balance or a hard limit: waiting does not help.

@@ -1,5 +1,5 @@
 """`dallm export CKPT|LORA_DIR|RUN_DIR --format diffusers,kohya,a1111 --out DIR`: a checkpoint's or an export
-directory's LoRA + tokens in the formats of dallm.formats, with a model card. A command module: the library
+directory's LoRA + tokens in the formats of dallm.export.formats, with a model card. A command module: the library
 never imports it."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import inspect
 from pathlib import Path
 
 from dallm.errors import PARSER_KWARGS, DallmError
-from dallm.formats import check_formats, run_name, write_exports, write_trained
+from dallm.export.formats import check_formats, run_name, write_exports, write_trained
+from dallm.export.trained import from_lora_dir, resolve_lora_dir
+from dallm.export.trigger import check_trigger_name
 from dallm.resume import load_checkpoint, newest_readable, readable
-from dallm.trained import from_lora_dir, resolve_lora_dir
-from dallm.trigger import check_trigger_name
 
 
 def resolve_source(source: str | Path) -> tuple[str, Path]:

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from dallm.trigger import tool_prompts
+from dallm.export.trigger import tool_prompts
 
 
 def plot_kid_curve(history: list[dict], step: int, path: Path) -> bool:

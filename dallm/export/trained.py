@@ -1,7 +1,7 @@
 """What an export is made of, taken from a training module or from an export directory already on disk.
 
 `Trained` holds the LoRA in peft naming (fp32, CPU), the diffusers file's bytes, the learned token rows and
-the run's facts; `dallm.formats.write_trained` writes every format from it. From an export directory
+the run's facts; `dallm.export.formats.write_trained` writes every format from it. From an export directory
 (`lora/last`, `lora/best`, `lora/step=N`, or a copy of one) nothing else is needed: no checkpoint, no
 base model.
 """
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as load_bytes
 
 from dallm import lora, tokens
-from dallm.trigger import load_run_embedding
+from dallm.export.trigger import load_run_embedding
 
 
 @dataclass
@@ -82,7 +82,7 @@ def from_lora_dir(lora_dir: str | Path) -> tuple[Trained, dict]:
     toks = list(info.get("placeholder_tokens") or [])
     embeddings_2 = {}
     if info.get("sdxl") and toks:
-        from dallm.sdxl_export import load_embedding
+        from dallm.export.sdxl import load_embedding
 
         files = [lora_dir / info["embedding_file"]] if info.get("embedding_file") else []
         files = [f for f in files if f.is_file()] or [lora_dir / f for f in info.get("token_files") or []]

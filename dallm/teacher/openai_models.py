@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dallm.teacher_dir import Slot
+from dallm.teacher.slots import Slot
 
 # USD per image from https://openai.com/api/pricing, as listed on this date. gpt-image-1 is billed by
 # tokens; these are OpenAI's own per-image figures for its square and portrait/landscape sizes.

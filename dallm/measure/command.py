@@ -1,6 +1,6 @@
 """`dallm kid`: KID between image folders, or the relative KID test between two generated folders.
 
-A command module: the library (callbacks, report) uses dallm.metrics, never this.
+A command module: the library (callbacks, report) uses dallm.measure.kid, never this.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dallm.errors import PARSER_KWARGS
-from dallm.metrics import build_feature_extractor, check_kid_dirs, kid_of_dirs, relative_kid_of_dirs
+from dallm.measure.kid import build_feature_extractor, check_kid_dirs, kid_of_dirs, relative_kid_of_dirs
 from dallm.ranges import AtLeastTwo, Count, Seed
 
 

@@ -263,10 +263,10 @@ def adopt_unrecorded(state: DirState, settings: dict[str, Any]) -> list[Slot]:
     """Give a manifest line to each slot file that has none but carries its own record, made with `settings`.
 
     A kill between an image's atomic write and its manifest line leaves a whole, paid image without a
-    line; its record is inside the PNG (`dallm.openai_images.with_record`). Adopting it (rather than
+    line; its record is inside the PNG (`dallm.teacher.openai_images.with_record`). Adopting it (rather than
     making it again) means nothing is paid twice. Returns the adopted slots; the caller scans again.
     """
-    from dallm.openai_images import embedded_record
+    from dallm.teacher.openai_images import embedded_record
 
     adopted = []
     for slot in state.unrecorded:

@@ -1,16 +1,16 @@
 """Distances between image sets: KID with its standard error, the relative KID test, and CMMD.
 
-    image files ──dallm.features──► features (N, D) ──► kid_from_features / relative_kid_test / cmmd_from_features
+    image files ──dallm.measure.features──► features (N, D) ──► kid_from_features / relative_kid_test / cmmd_from_features
 
 KID is the unbiased MMD² with the cubic polynomial kernel (x·y/D + 1)³ of Bińkowski et al. 2018, over
 all pairs of the full sets (`kid_mean`; with equal sizes and one whole-set subset it is exactly
 torchmetrics' and torch-fidelity's KID). `kid_se` is its standard error over draws of the two samples,
-from the U-statistic variance (dallm.mmd); it is defined from 4 images a side, equal sizes or not.
+from the U-statistic variance (dallm.measure.mmd); it is defined from 4 images a side, equal sizes or not.
 torchmetrics' `KernelInceptionDistance` still gives `kid_std`, the spread over random subsets, where
 subsets differ. `relative_kid_test` is the relative MMD test of Bounliphone et al. 2016: which of two
 generated sets is closer to the real one, with a one-sided p-value.
 
-The `dallm kid` command over folders is dallm.kid.
+The `dallm kid` command over folders is dallm.measure.command.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from dallm.images import list_images
+
 # Re-exported: the KID callback, scripts and tests import the extractors from here.
-from dallm.features import (  # noqa: F401
+from dallm.measure.features import (  # noqa: F401
     FEATURE_FORMS,
     INCEPTION_ENV,
     INCEPTION_FILE,
@@ -39,8 +41,7 @@ from dallm.features import (  # noqa: F401
     images_to_tensor,
     resolve_inception_weights,
 )
-from dallm.images import list_images
-from dallm.mmd import mmd2_difference_with_variance, mmd2_with_variance
+from dallm.measure.mmd import mmd2_difference_with_variance, mmd2_with_variance
 
 
 @dataclass
