@@ -92,24 +92,15 @@ def pipeline_from_parts(
     tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2=None, text_encoder_2=None
 ) -> Any:
     """A StableDiffusionPipeline over the given parts (no copies), without safety checker or progress bar;
-    a StableDiffusionXLPipeline when the second text encoder is given (SDXL)."""
-    from diffusers import StableDiffusionPipeline
+    a StableDiffusionXLPipeline (no watermark) when the second text encoder is given (SDXL)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
     if text_encoder_2 is not None:
-        from dallm.sdxl import pipeline_from_parts as sdxl_pipeline
-
-        return sdxl_pipeline(tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2, text_encoder_2)
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        xl = {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "add_watermarker": False}
+        pipe = StableDiffusionXLPipeline(**parts, **xl)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -9,7 +9,7 @@ SDXL differs from SD v1-5 where dallm touches it in four places, all here:
   which is what classifier-free guidance extrapolates from at sampling;
 - the added time ids (original height, width, crop top, left, target height, width) of each training
   image, from its real size and crop (`time_ids`; the dataset carries them, `dallm.data.dataset`);
-- the pipeline that samples: `StableDiffusionXLPipeline` (`pipeline_from_parts`).
+- the pipeline that samples: `StableDiffusionXLPipeline` (`dallm.base.pipeline_from_parts` builds it).
 """
 
 from __future__ import annotations
@@ -93,24 +93,6 @@ def time_ids(
 def default_time_ids(n: int, height: int, width: int, device) -> torch.Tensor:
     """(N, 6) time ids of an uncropped `height` x `width` image: what the pipeline samples with by default."""
     return time_ids((height, width), (0, 0), (height, width)).to(device).expand(n, -1)
-
-
-def pipeline_from_parts(tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2, text_encoder_2) -> Any:
-    """A StableDiffusionXLPipeline over the given parts (no copies), without watermark or progress bar."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def unet_added_conditions(pooled: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

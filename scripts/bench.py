@@ -215,7 +215,7 @@ def peak_memory_gib(device: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--arch", choices=["tiny", "sd15", "sdxl"], default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch_size", type=int, default=8)
@@ -238,7 +238,7 @@ def main() -> None:
         "for shared machines. Implies --skip lightning",
     )  # fmt: skip
     args = p.parse_args()
-    args.resolution = args.resolution or (512 if args.arch == "sd15" else 32)
+    args.resolution = args.resolution or {"sd15": 512, "sdxl": 1024}.get(args.arch, 32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     options = {"gradient_checkpointing": args.gradient_checkpointing, "channels_last": args.channels_last,
                "compile": args.compile}  # fmt: skip

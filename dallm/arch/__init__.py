@@ -154,6 +154,10 @@ def build_components(
     """
     from diffusers import DDPMScheduler
 
+    if arch == "sdxl":  # its two text encoders and tokenizers too (dallm.arch.sdxl)
+        from dallm.arch.sdxl import build_sdxl_components
+
+        return build_sdxl_components(dtype, seed, device)
     torch.manual_seed(seed)
     if arch == "sd15":
         parts = _sd15(device, dtype, seed)
