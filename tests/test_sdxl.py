@@ -149,6 +149,7 @@ def test_tiny_sdxl_trains_resumes_exactly_and_exports_for_diffusers(tmp_path, ti
     with safe_open(str(out / info["kohya_file"]), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert "StableDiffusionXLPipeline" in (out / "README.md").read_text()
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     emb = load_file(out / info["embedding_file"])
     assert sorted(emb) == ["clip_g", "clip_l"] and emb["clip_l"].shape == emb["clip_g"].shape == (2, 32)

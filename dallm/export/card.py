@@ -116,6 +116,13 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
         "",
         "## diffusers",
         "",
+    ]
+    if info.get("sdxl"):  # both encoders' rows (dallm.export.sdxl)
+        from dallm.export.sdxl import card_lines
+
+        lines += card_lines(info, tool_prompts(info)["diffusers"])
+        return _write(out_dir, lines)
+    lines += [
         "```python",
         "from diffusers import StableDiffusionPipeline",
         "",
@@ -132,7 +139,11 @@ def write_model_card(out_dir: Path, info: dict, run: dict, history: list[dict], 
             + f'])`, then `pipe("{info["instance_prompt"]}")`.',
             "",
         ]
-    lines += ["Or look at it with dallm: `python -m dallm sample --lora THIS_DIR --compare`.", ""]
+    return _write(out_dir, lines)
+
+
+def _write(out_dir: Path, lines: list[str]) -> Path:
+    lines = [*lines, "Or look at it with dallm: `python -m dallm sample --lora THIS_DIR --compare`.", ""]
     path = out_dir / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -117,3 +117,25 @@ def load_tokens_from_export(pipe, lora_dir: Path, info: dict) -> None:
     embedding = info.get("embedding_file")
     if info.get("trigger") and embedding and (lora_dir / embedding).is_file():
         load_textual_inversion(pipe, load_embedding(lora_dir / embedding), info["trigger"])
+
+
+def card_lines(info: dict, prompt: str) -> list[str]:
+    """The model card's diffusers snippet for an SDXL export: the LoRA, then each embedding row set into its encoder."""
+    lines = [
+        "```python",
+        "from diffusers import StableDiffusionXLPipeline",
+        "from safetensors.torch import load_file",
+        "",
+        f'pipe = StableDiffusionXLPipeline.from_pretrained("{info["base_model"]}")',
+        'pipe.load_lora_weights("THIS_DIR")',
+    ]
+    if info.get("trigger"):
+        word = info["trigger"]
+        lines += [
+            f'emb = load_file("THIS_DIR/{info["embedding_file"]}")  # clip_l: text_encoder, clip_g: text_encoder_2',
+            f'pipe.load_textual_inversion(emb["clip_l"], token="{word}", text_encoder=pipe.text_encoder, '
+            "tokenizer=pipe.tokenizer)",
+            f'pipe.load_textual_inversion(emb["clip_g"], token="{word}", text_encoder=pipe.text_encoder_2, '
+            "tokenizer=pipe.tokenizer_2)",
+        ]
+    return [*lines, f'image = pipe("{prompt}", guidance_scale=7.5).images[0]', "```", ""]
