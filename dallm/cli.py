@@ -64,8 +64,8 @@ COMMANDS = {
     "teacher": "dallm.teacher.command:teacher_main",
     "sample": "dallm.export.sample:sample_main",
     "export": "dallm.export.command:export_main",
-    "sweep": "dallm.sweep:sweep_main",
-    "report": "dallm.report:report_main",
+    "sweep": "dallm.sweep.command:sweep_main",
+    "report": "dallm.sweep.report:report_main",
 }
 
 

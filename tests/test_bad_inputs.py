@@ -1006,8 +1006,8 @@ def command_parsers() -> dict:
     from dallm.export.command import export
     from dallm.export.sample import sample
     from dallm.measure.command import kid_parser
-    from dallm.report import report
-    from dallm.sweep import sweep_parser
+    from dallm.sweep.command import sweep_parser
+    from dallm.sweep.report import report
     from dallm.teacher.command import teacher_parser
 
     subs = build_parser()._subcommands_action._name_parser_map

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dallm.report import families, grid_samples, report, report_main, summarize
+from dallm.sweep.report import families, grid_samples, report, report_main, summarize
 
 # kid/val per (rank, seed) at steps 0, 50, 100; kid/val_se constant per run.
 CURVES = {
