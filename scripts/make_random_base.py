@@ -6,7 +6,7 @@
 
 `sd15`: SD v1-5's UNet (860 M), VAE (84 M) and CLIP ViT-L/14 text encoder (123 M) from `dallm/arch`'s
 configs, a 49,408-id CLIP BPE tokenizer that keeps the paper's prompt words whole (see dallm.arch), and
-SD v1-5's PNDM scheduler config. `tiny`: the tests' tiny pipeline (dallm.tiny). Weights are random, so
+SD v1-5's PNDM scheduler config. `tiny`: the tests' tiny pipeline (dallm.arch.tiny). Weights are random, so
 everything runs (and can be timed and sized) and nothing it makes means anything. About 1 minute and
 2.1 GiB on disk for sd15 in fp16 on 2 CPU cores.
 """
