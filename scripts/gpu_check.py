@@ -101,7 +101,7 @@ def run(cmd: list[str], env: dict, log: Path) -> list[dict]:
 # Runs the paper's config in-process, then prints one JSON row of its wall time, KID rounds and peak memory.
 FIT_RUNNER = """
 import json, resource, sys, time, torch
-from dallm.callbacks import KIDCallback
+from dallm.measure.callback import KIDCallback
 from dallm.cli import main
 args = json.loads(sys.argv[1])
 start = time.perf_counter()

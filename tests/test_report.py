@@ -79,7 +79,7 @@ def test_summary_of_one_seed_has_no_spread() -> None:
 
 
 def test_samples_read_back_from_the_kid_grid_exactly(tmp_path: Path) -> None:
-    from dallm.callbacks import KIDCallback
+    from dallm.measure.callback import KIDCallback
 
     gen = torch.Generator().manual_seed(0)
     rows = [
