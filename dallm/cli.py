@@ -16,7 +16,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from dallm import preflight
 from dallm.callbacks import (
     HParamsLog,
-    KIDCallback,
     KIDEarlyStopping,
     LoraExport,
     StepProgressBar,
@@ -27,6 +26,7 @@ from dallm.callbacks import (
 from dallm.contract import ContractRecord
 from dallm.data.datamodule import DallmDataModule
 from dallm.errors import PARSER_KWARGS, error_boundary
+from dallm.measure.callback import KIDCallback
 from dallm.module import DallmModule
 from dallm.ranges import Count, Seed, plain_numbers
 from dallm.resume import (  # noqa: F401 (resolve_last_checkpoint: public name of this module before)
@@ -64,8 +64,8 @@ COMMANDS = {
     "teacher": "dallm.teacher.command:teacher_main",
     "sample": "dallm.export.sample:sample_main",
     "export": "dallm.export.command:export_main",
-    "sweep": "dallm.sweep:sweep_main",
-    "report": "dallm.report:report_main",
+    "sweep": "dallm.sweep.command:sweep_main",
+    "report": "dallm.sweep.report:report_main",
 }
 
 

@@ -199,7 +199,7 @@ class ContractRecord(pl.Callback):
     """Writes what a resume must keep and Lightning does not store (`dallm_contract`) into every checkpoint."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        from dallm.callbacks import KIDCallback
+        from dallm.measure.callback import KIDCallback
 
         schedulers, clip = trainer.lr_scheduler_configs, trainer.gradient_clip_val
         algorithm = trainer.gradient_clip_algorithm or "norm"

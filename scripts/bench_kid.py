@@ -1,7 +1,7 @@
 """Time one KID round: generate N images (guidance, fixed seeds) with the LoRA-carrying model, embed them,
 and score them against cached teacher features — the work KIDCallback does every N steps.
 
-    python scripts/bench_kid.py --arch tiny --device cpu --feature module:dallm.tiny:feature_net
+    python scripts/bench_kid.py --arch tiny --device cpu --feature module:dallm.arch.tiny:feature_net
     python scripts/bench_kid.py --arch sd15 --device cuda --dtype bf16 --resolution 512 --feature inception
 
 Weights are random (`dallm.arch`): time and memory do not depend on their values. `--feature inception`
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--batch_size", type=int, default=20)
-    p.add_argument("--feature", default="module:dallm.tiny:feature_net")
+    p.add_argument("--feature", default="module:dallm.arch.tiny:feature_net")
     p.add_argument("--weights", default=None, help="Inception weights; default: random of the real shape")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     p.add_argument("--rank", type=int, default=4)

@@ -53,7 +53,7 @@ TINY_RECORD = {
     "trainer.gradient_clip_algorithm": None,
     "world_size": 1,
     "kid.seed": 0,
-    "kid.feature": "module:dallm.tiny:feature_net",
+    "kid.feature": "module:dallm.arch.tiny:feature_net",
     "kid.weights": None,
     "kid.num_inference_steps": 4,
     "kid.guidance_scale": 7.5,
@@ -575,7 +575,7 @@ CASES.update(
         "resume-world-size-differs": resume({"world_size": 2}, match="(world size) 2 vs 1"),
         "resume-kid-seed-differs": resume({}, "--kid.seed", "3", match="--kid.seed 0 vs 3"),
         "resume-kid-feature-differs": resume(
-            {}, "--kid.feature", "toy", match="--kid.feature 'module:dallm.tiny:feature_net' vs 'toy'"
+            {}, "--kid.feature", "toy", match="--kid.feature 'module:dallm.arch.tiny:feature_net' vs 'toy'"
         ),
         "resume-scheduler-class-differs": resume(
             {"model.lr_scheduler": "torch.optim.lr_scheduler.LinearLR"},
@@ -1006,8 +1006,8 @@ def command_parsers() -> dict:
     from dallm.export.command import export
     from dallm.export.sample import sample
     from dallm.measure.command import kid_parser
-    from dallm.report import report
-    from dallm.sweep import sweep_parser
+    from dallm.sweep.command import sweep_parser
+    from dallm.sweep.report import report
     from dallm.teacher.command import teacher_parser
 
     subs = build_parser()._subcommands_action._name_parser_map

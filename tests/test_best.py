@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dallm.callbacks import KIDCallback, StepProgressBar
+from dallm.callbacks import StepProgressBar
 from dallm.cli import main
+from dallm.measure.callback import KIDCallback
 
 KID = ["--kid.num_samples", "6", "--kid.num_inference_steps", "3"]
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dallm.arch.tiny import make_tiny_images
 from dallm.data.datamodule import DallmDataModule
 from dallm.manifest import append_manifest, lock_directory, read_manifest, sha256_file
-from dallm.tiny import make_tiny_images
 
 CLASS_PROMPT = "a painting of a cat"
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dallm.arch.tiny import make_tiny_images
 from dallm.cli import main
 from dallm.measure import features
 from dallm.measure.features import (
@@ -29,7 +30,6 @@ from dallm.measure.features import (
     features_of_dir,
 )
 from dallm.measure.kid import kid_from_features
-from dallm.tiny import make_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -9,8 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "dallm"
 # Modules that serve both the library and a command (none today; `dallm kid` is dallm.measure.command).
 LIBRARY_WITH_COMMAND: set[str] = set()
-# Command-layer modules that no COMMANDS entry names: dallm.launch runs `dallm fit` for `dallm sweep`.
-COMMAND_HELPERS = {"dallm.launch"}
+# Command-layer modules that no COMMANDS entry names: dallm.sweep.launch runs `dallm fit` for `dallm sweep`.
+COMMAND_HELPERS = {"dallm.sweep.launch"}
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dallm.arch.tiny import make_tiny_images
 from dallm.cli import main
 from dallm.images import load_rgb
 from dallm.measure.features import clean_resize
@@ -29,7 +30,6 @@ from dallm.measure.kid import (
     kid_from_features,
     resolve_inception_weights,
 )
-from dallm.tiny import make_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE = "module:feature_nets:make_feature_net"  # tests/feature_nets.py; tests/ is on sys.path

@@ -271,7 +271,7 @@ def test_weight_average_swaps_in_and_restores_exactly():
 def test_report_of_one_run_draws_its_figure_and_readouts(tmp_path, capsys):
     from helpers import fit
 
-    from dallm.report import report
+    from dallm.sweep.report import report
 
     fit(tmp_path, "--kid.every_n_steps", "2", "--kid.num_samples", "4", "--kid.num_inference_steps", "2",
         "--kid.feature", "toy", "--model.hold_weight", "1", steps=2, every=2)  # fmt: skip

@@ -24,10 +24,10 @@ def _config(name: str) -> dict:
 
 
 def _tiny_tokenizers():
-    """Two tiny CLIP BPE tokenizers (dallm.tiny's words); the second pads with "!" as SDXL's tokenizer_2 does."""
+    """Two tiny CLIP BPE tokenizers (dallm.arch.tiny's words); the second pads with "!" as SDXL's tokenizer_2 does."""
     from transformers import CLIPTokenizer
 
-    from dallm.tiny import write_clip_bpe_files
+    from dallm.arch.tiny import write_clip_bpe_files
 
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_bpe_files(Path(tmp))

@@ -148,7 +148,7 @@ def drift_metrics(
 # ---------------------------------------------------------------------------------------- summary
 # ---------------------------------------------------------------------------------------- one KID round
 class RoundReadouts:
-    """The readouts of each KID round of dallm.callbacks.KIDCallback: the toy heads' shares of the round's
+    """The readouts of each KID round of dallm.measure.callback.KIDCallback: the toy heads' shares of the round's
     samples and the paired drift. The drift's fixed triples and the base's predictions are made at the
     first round and kept (the base never changes)."""
 

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dallm.figure import readout_cell, run_report
-from dallm.run_files import grid_samples, last_grid, read_scalars, run_config
-from dallm.sweep import RECORD, short_keys
+from dallm.sweep.command import RECORD, short_keys
+from dallm.sweep.figure import readout_cell, run_report
+from dallm.sweep.run_files import grid_samples, last_grid, read_scalars, run_config
 
 TAGS = ("kid/val", "kid/train", "kid/prior")
 
@@ -274,7 +274,7 @@ def report(
     """Write a Markdown report (tables, curves as PNG, relative tests) of a `dallm sweep` directory, or of one run.
 
         python -m dallm report lightning_logs/sweep_toy --out docs/sweep_toy.md
-        python -m dallm report lightning_logs/toy/version_0   # one run: its figure (dallm.figure)
+        python -m dallm report lightning_logs/toy/version_0   # one run: its figure (dallm.sweep.figure)
 
     Args:
         sweep_dir: the sweep's directory (SAVE_DIR/NAME of `dallm sweep`): one subdirectory per run; or one

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dallm.errors import PARSER_KWARGS
-from dallm.launch import (
+from dallm.ranges import Count, Seed
+from dallm.sweep.launch import (
     RECORD,
     Run,
     SlurmOptions,
@@ -29,7 +30,6 @@ from dallm.launch import (
     status_of,
     write_record,
 )
-from dallm.ranges import Count, Seed
 
 
 # ---------------------------------------------------------------------------------------- the grid

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dallm.run_files import grid_samples, read_scalars, run_config
+from dallm.sweep.run_files import grid_samples, read_scalars, run_config
 
 READOUTS = {
     "toy/instance_teacher_world": "instance: teacher world",

@@ -187,5 +187,5 @@ class TinyFeatureNet(torch.nn.Module):
 
 
 def feature_net() -> TinyFeatureNet:
-    """Factory for `--kid.feature module:dallm.tiny:feature_net`."""
+    """Factory for `--kid.feature module:dallm.arch.tiny:feature_net`."""
     return TinyFeatureNet().eval()

@@ -1,6 +1,6 @@
 """What a finished run directory holds, read back without loading a model: its config.yaml, its
 TensorBoard scalars and its KID rounds' sample grids (`samples/step=NNNNNN.png`, the exact uint8 images
-each round scored, lossless PNG). Used by `dallm report` (dallm.report) and the run figure (dallm.figure).
+each round scored, lossless PNG). Used by `dallm report` (dallm.sweep.report) and the run figure (dallm.sweep.figure).
 """
 
 from __future__ import annotations
