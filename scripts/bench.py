@@ -41,7 +41,7 @@ from datetime import date
 import torch
 
 from dallm import diffusion
-from dallm.arch import build_components
+from dallm.arch.sdxl import build_arch_components
 from dallm.module import DallmModule
 
 PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"
@@ -55,7 +55,7 @@ def sync(device: str) -> None:
 
 def make_module(args, dtype, **options) -> DallmModule:
     m = DallmModule("random:" + args.arch, rank=args.rank, instance_prompt=PROMPT, **options)
-    m.attach_base(**build_components(args.arch, dtype=dtype, device=args.device))
+    m.attach_base(**build_arch_components(args.arch, dtype=dtype, device=args.device))
     return m.to(args.device)
 
 

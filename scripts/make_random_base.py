@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from dallm.arch import save_random_base
+from dallm.arch.sdxl import save_random_arch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    out = save_random_base(args.arch, args.out, DTYPES[args.dtype], args.seed)
+    out = save_random_arch(args.arch, args.out, DTYPES[args.dtype], args.seed)
     print(f"random {args.arch} base ({args.dtype}) written to {out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -187,11 +187,11 @@ def test_the_sdxl_config_runs_on_a_random_sdxl_base(tmp_path):
     (BENCHMARKS.md: its cost). Without class images: the pipeline that makes them loads in fp32 on a CPU (the
     dtype rule, dallm.base), 14 GB for SDXL, more than this shared 24 GB machine spares; the tiny SDXL test
     above makes them through the same code."""
-    from dallm.arch import save_random_base
+    from dallm.arch.sdxl import save_random_sdxl
     from dallm.cli import main
 
     root = Path(__file__).resolve().parents[1]
-    base = save_random_base("sdxl", tmp_path / "base", torch.bfloat16)
+    base = save_random_sdxl(tmp_path / "base", torch.bfloat16)
     main([
         "fit", "--config", str(root / "configs/sdxl_baroque_cats.yaml"),
         "--model.pretrained_model_name_or_path", str(base), "--trainer.accelerator", "cpu",

@@ -154,10 +154,6 @@ def build_components(
     """
     from diffusers import DDPMScheduler
 
-    if arch == "sdxl":  # its two text encoders and tokenizers too (dallm.arch.sdxl)
-        from dallm.arch.sdxl import build_sdxl_components
-
-        return build_sdxl_components(dtype, seed, device)
     torch.manual_seed(seed)
     if arch == "sd15":
         parts = _sd15(device, dtype, seed)
@@ -195,13 +191,6 @@ def save_random_base(
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     out_dir = Path(out_dir)
-    if arch in ("sdxl", "tiny-sdxl"):  # dallm.arch.sdxl: the published SDXL 1.0 base, or the tests' tiny one
-        from dallm.arch.sdxl import build_tiny_sdxl, save_random_sdxl
-
-        if arch == "sdxl":
-            return save_random_sdxl(out_dir, dtype, seed)
-        build_tiny_sdxl(out_dir, seed=seed).to(dtype=dtype).save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
     if arch == "tiny":
         from dallm.arch.tiny import build_tiny_pipeline
 

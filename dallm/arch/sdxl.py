@@ -139,3 +139,22 @@ def save_random_sdxl(out_dir: str | Path, dtype: torch.dtype = torch.float32, se
     for folder in ("tokenizer", "tokenizer_2"):  # the published folders hold vocab.json + merges.txt
         write_sd15_tokenizer(out_dir / folder)
     return out_dir
+
+
+def save_random_arch(arch: str, out_dir: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """`dallm.arch.save_random_base` with the SDXL architectures too: "sdxl" (published) and "tiny-sdxl"."""
+    from dallm.arch import save_random_base
+
+    if arch == "sdxl":
+        return save_random_sdxl(out_dir, dtype, seed)
+    if arch == "tiny-sdxl":
+        build_tiny_sdxl(out_dir, seed=seed).to(dtype=dtype).save_pretrained(out_dir, safe_serialization=True)
+        return Path(out_dir)
+    return save_random_base(arch, out_dir, dtype, seed)
+
+
+def build_arch_components(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> dict:
+    """`dallm.arch.build_components` with "sdxl" too (its second tokenizer and text encoder included)."""
+    from dallm.arch import build_components
+
+    return build_sdxl_components(dtype, seed, device) if arch == "sdxl" else build_components(arch, dtype, seed, device)
