@@ -219,7 +219,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=None, help="default: 32 (tiny) / 512 (sd15)")
+    p.add_argument("--resolution", type=int, default=None, help="default: 32 (tiny) / 512 (sd15) / 1024 (sdxl)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)

@@ -90,6 +90,8 @@ def test_the_unet_sees_the_time_ids_and_both_encoders(tiny_sdxl):
     assert not torch.allclose(a, c)  # the second encoder's token rows reach the UNet
 
 
+# Three fits of the tiny SDXL and six pipelines: the full suite runs it, the fast loop (`-m "not slow"`) does not.
+@pytest.mark.slow
 def test_tiny_sdxl_trains_resumes_exactly_and_exports_for_diffusers(tmp_path, tiny_sdxl, teacher):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
