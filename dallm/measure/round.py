@@ -98,6 +98,7 @@ class KIDRound:
         self.batch_size = batch_size
         self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
+        self.drift_prompts = list(drift_prompts)  # read by the resume contract (dallm.contract)
         self.readouts = readouts.RoundReadouts(drift_prompts)  # toy/* and drift/*
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None
