@@ -1,4 +1,4 @@
-"""Command line: `python -m dallm fit|validate --config C.yaml` (LightningCLI over jsonargparse)."""
+"""The command table: `python -m dallm COMMAND ...`; fit and validate through LightningCLI, the rest as typed functions."""
 
 from __future__ import annotations
 
@@ -67,6 +67,37 @@ COMMANDS = {
     "sweep": "dallm.sweep.command:sweep_main",
     "report": "dallm.sweep.report:report_main",
 }
+
+
+# `dallm --help`: every command with one line, in the order a run meets them.
+SUMMARY = {
+    "teacher": "collect teacher images into a directory (OpenAI Images API, a diffusers pipeline, a folder)",
+    "fit": "train a LoRA + placeholder tokens toward the teacher images, KID every N steps (LightningCLI)",
+    "validate": "the held-out diffusion loss of a checkpoint (LightningCLI)",
+    "kid": "KID between image folders, or the relative KID test of two generated folders",
+    "sample": "images from a trained LoRA the way a diffusers user loads it, beside the base if asked",
+    "export": "a checkpoint or export in the formats other tools load (diffusers, kohya, a1111)",
+    "sweep": "a grid of `dallm fit` runs x seeds, on this machine or through submitit (SLURM)",
+    "report": "KID curves, tables and relative tests of a sweep, or one run's figure",
+}
+
+
+def overview() -> str:
+    """The text of `dallm --help` (and of `dallm` alone): usage and one line per command."""
+    width = max(map(len, SUMMARY))
+    lines = [f"  {name:<{width}}  {text}" for name, text in SUMMARY.items()]
+    return "\n".join(
+        [
+            "usage: dallm COMMAND [ARGS...]   (python -m dallm COMMAND ...)",
+            "",
+            "Align a small text-to-image model with a larger one: LoRA + pivotal tokens, measured with KID.",
+            "",
+            "commands:",
+            *lines,
+            "",
+            "dallm COMMAND --help: the command's flags.",
+        ]
+    )
 
 
 class DallmCLI(LightningCLI):
@@ -271,7 +302,11 @@ def cli_kwargs() -> dict:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         # Argument errors raise (one line at the boundary) instead of printing the whole usage.
-        parser_kwargs={**PARSER_KWARGS, **{name: dict(PARSER_KWARGS) for name in DallmCLI.subcommands()}},
+        parser_kwargs={
+            **PARSER_KWARGS,
+            "prog": "dallm",  # not `__main__.py`: `python -m dallm fit --help` reads `usage: dallm fit ...`
+            **{name: dict(PARSER_KWARGS) for name in DallmCLI.subcommands()},
+        },
     )
 
 
@@ -311,6 +346,9 @@ def main(args: ArgsType = None) -> DallmCLI | None:
     """
     argv = sys.argv[1:] if args is None else args
     command = argv[0] if isinstance(argv, (list, tuple)) and argv and isinstance(argv[0], str) else ""
+    if isinstance(argv, (list, tuple)) and (not argv or argv[0] in ("-h", "--help")):
+        print(overview())
+        raise SystemExit(0 if argv else 2)  # `dallm` alone names no command: a usage error, after the list
     with error_boundary(command), _releasing_run_locks():
         if command in COMMANDS:
             # Not a training command: no LightningCLI around it.

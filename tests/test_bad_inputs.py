@@ -53,7 +53,7 @@ TINY_RECORD = {
     "trainer.gradient_clip_algorithm": None,
     "world_size": 1,
     "kid.seed": 0,
-    "kid.feature": "module:dallm.arch.tiny:feature_net",
+    "kid.feature": "module:dallm.tiny:feature_net",  # what checkpoints before the class_path form recorded
     "kid.weights": None,
     "kid.num_inference_steps": 4,
     "kid.guidance_scale": 7.5,
@@ -575,7 +575,8 @@ CASES.update(
         "resume-world-size-differs": resume({"world_size": 2}, match="(world size) 2 vs 1"),
         "resume-kid-seed-differs": resume({}, "--kid.seed", "3", match="--kid.seed 0 vs 3"),
         "resume-kid-feature-differs": resume(
-            {}, "--kid.feature", "toy", match="--kid.feature 'module:dallm.arch.tiny:feature_net' vs 'toy'"
+            {}, "--kid.feature", "toy",
+            match="--kid.feature {'class_path': 'dallm.arch.tiny.TinyFeatureNet', 'init_args': {}} vs 'toy'"
         ),
         "resume-scheduler-class-differs": resume(
             {"model.lr_scheduler": "torch.optim.lr_scheduler.LinearLR"},
@@ -614,7 +615,7 @@ CASES.update(
             "--kid.feature", "nosuch", match="--kid.feature 'nosuch'"
         ),
         "kid-feature-module-missing": fit(
-            "--kid.feature", "module:no_such_module:net", match="cannot import no_such_module"
+            "--kid.feature", '{"class_path": "no_such_module.Net"}', match="--feature no_such_module.Net: cannot import"
         ),
         "data-teacher-image-over-pixel-limit-before-class-images": fit_with(
             lambda tmp: [

@@ -187,5 +187,5 @@ class TinyFeatureNet(torch.nn.Module):
 
 
 def feature_net() -> TinyFeatureNet:
-    """Factory for `--kid.feature module:dallm.arch.tiny:feature_net`."""
+    """The tiny world's feature net (`--kid.feature {class_path: dallm.arch.tiny.TinyFeatureNet}`), in eval mode."""
     return TinyFeatureNet().eval()

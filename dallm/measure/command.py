@@ -21,7 +21,7 @@ def kid(
     real_dir: str,
     fake_dir: str,
     fake_b_dir: str | None = None,
-    feature: str = "inception",
+    feature: dict | str = "inception",
     weights: str | None = None,
     subset_size: AtLeastTwo = 1000,
     subsets: Count = 100,
@@ -43,7 +43,7 @@ def kid(
         real_dir: Directory of reference (teacher) images.
         fake_dir: Directory of generated images (A in the relative test).
         fake_b_dir: A second directory of generated images (B): runs the relative test A vs B.
-        feature: Feature extractor: inception | clip:<hub id or local dir> | toy | module:<package.module:callable>.
+        feature: Feature extractor: inception | clip:<hub id or local dir> | toy | {"class_path": "<package.module.Class>", "init_args": {...}}.
         weights: Inception weights file (default: $DALLM_INCEPTION_WEIGHTS, then torch's hub cache).
         subset_size: Images per KID subset for kid_std, capped at the smaller set.
         subsets: Number of random subsets for kid_std.

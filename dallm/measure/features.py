@@ -7,7 +7,9 @@ Feature extractors (`build_feature_extractor(spec)`, the `--feature` flag of `da
     inception              torch-fidelity's Inception-v3 2048-d pool features (the KID of the literature)
     clip:<hub id | dir>    CLIP image embeddings (`image_embeds` of CLIPVisionModelWithProjection)
     toy                    the toy world's feature net (shipped with the toy world, dallm/toy)
-    module:<pkg.mod:fn>    fn() -> nn.Module mapping [0, 1] images (N, 3, H, W) to (N, D); an `input_size`
+    {class_path: pkg.mod.Class, init_args: {...}}
+                           any nn.Module class mapping [0, 1] images (N, 3, H, W) to (N, D), built
+                           with its init_args (jsonargparse's class_path form); an `input_size`
                            attribute (int or (H, W)) on the module asks for that size, else each image
                            keeps its own
 
@@ -24,7 +26,6 @@ image and its pixel-replicated k-times copy give identical features.
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import warnings
@@ -39,7 +40,11 @@ from torch import Tensor, nn
 
 from dallm.images import MAX_IMAGE_PIXELS, check_image_size, list_images, to_rgb
 
-FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | module:<package.module:callable>"
+FEATURE_FORMS = "inception | clip:<hub id or local dir> | toy | {class_path: <package.module.Class>, init_args: {...}}"
+# Feature names of earlier versions that a recorded resume contract may hold, as the class_path they meant.
+LEGACY_FEATURES = {"module:dallm.tiny:feature_net": {"class_path": "dallm.arch.tiny.TinyFeatureNet", "init_args": {}}}
+# A `--kid.feature`: a name (str) or a class_path with its init_args (dict).
+FeatureSpec = dict[str, Any] | str  # dict first: jsonargparse tries the union in order
 
 # torch-fidelity's Inception-v3 (TF 2015-12-05 weights converted to PyTorch), as in its own URL_INCEPTION_V3.
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -313,48 +318,79 @@ class ModuleFeatures(FeatureExtractor):
         return out
 
 
-def _import_callable(target: str) -> Any:
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--feature module:{target}: expected module:<package.module:callable>")
+def canonical_feature(spec: Any) -> FeatureSpec:
+    """A feature spec as comparable data: a name, or {"class_path", "init_args"} (an earlier version's name
+    for the same net mapped to its class_path)."""
+    if hasattr(spec, "as_dict"):
+        spec = spec.as_dict()
+    if isinstance(spec, dict):
+        return {"class_path": spec.get("class_path"), "init_args": dict(spec.get("init_args") or {})}
+    return LEGACY_FEATURES.get(spec, spec)
+
+
+def feature_name(spec: FeatureSpec) -> str:
+    """The short name of a feature spec: the name itself, or the class_path."""
+    spec = canonical_feature(spec)
+    return spec if isinstance(spec, str) else str(spec["class_path"])
+
+
+def _feature_class(spec: dict) -> tuple[type[nn.Module], dict]:
+    """The nn.Module class of a class_path spec and its init_args, checked against its signature."""
+    import inspect
+
+    from jsonargparse._util import import_object
+
+    extra = set(spec) - {"class_path", "init_args"}
+    path, init_args = spec.get("class_path"), spec.get("init_args") or {}
+    if extra or not isinstance(path, str) or not isinstance(init_args, dict):
+        raise ValueError(f"--feature: expected {{class_path: <package.module.Class>, init_args: {{...}}}}, got {spec}")
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"--feature module:{target}: cannot import {module_name}: {err}") from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--feature module:{target}: {module_name} has no attribute {attr}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"--feature module:{target}: {attr} is not callable")
-    return obj
+        cls = import_object(path)
+    except Exception as err:
+        raise ValueError(f"--feature {path}: cannot import it: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"--feature {path}: not an nn.Module class")
+    try:
+        inspect.signature(cls).bind(**init_args)
+    except TypeError as err:
+        raise ValueError(f"--feature {path}: init_args {init_args}: {err}") from err
+    return cls, dict(init_args)
 
 
-def check_feature_spec(spec: str, weights: str | None = None) -> None:
+def check_feature_spec(spec: FeatureSpec, weights: str | None = None) -> None:
     """Refuse what `build_feature_extractor` would refuse, without building a network or reading weights.
 
-    The form of `spec`, a `module:` callable's import, and a given weights file's existence.
+    The form of `spec`, a class_path's import and init_args, and a given weights file's existence.
     """
+    spec = canonical_feature(spec)
     if weights is not None and spec != "inception":
-        raise ValueError(f"--weights is only for --feature inception, not {spec}")
+        raise ValueError(f"--weights is only for --feature inception, not {feature_name(spec)}")
     if spec == "inception":
         if weights is not None and not Path(weights).is_file():
             raise ValueError(f"--weights {weights}: no such file")
-    elif spec.startswith("module:") and spec[7:]:
-        _import_callable(spec[7:])
+    elif isinstance(spec, dict):
+        _feature_class(spec)
     elif not (spec == "toy" or (spec.startswith("clip:") and spec[5:])):
         raise ValueError(f"--feature: unknown feature {spec!r}; valid forms: {FEATURE_FORMS}")
 
 
-def build_feature_extractor(spec: str, weights: str | None = None, device: str = "cpu") -> FeatureExtractor:
+def build_feature_extractor(spec: FeatureSpec, weights: str | None = None, device: str = "cpu") -> FeatureExtractor:
     """The feature extractor named by `spec` (see the module docstring), in eval mode on `device`.
 
     `weights` is the Inception weights file (`--weights`); other specs must not be given one.
     """
+    spec = canonical_feature(spec)
     if weights is not None and spec != "inception":
-        raise ValueError(f"--weights is only for --feature inception, not {spec}")
+        raise ValueError(f"--weights is only for --feature inception, not {feature_name(spec)}")
     if spec == "inception":
         extractor: FeatureExtractor = InceptionFeatures(resolve_inception_weights(weights))
+    elif isinstance(spec, dict):
+        cls, init_args = _feature_class(spec)
+        try:
+            net = cls(**init_args)
+        except TypeError as err:  # a signature of *args, **kwargs (nn.Module's own) binds anything
+            raise ValueError(f"--feature {spec['class_path']}: init_args {init_args}: {err}") from err
+        extractor = ModuleFeatures(net, feature_name(spec))
     elif spec.startswith("clip:") and spec[5:]:
         extractor = ClipFeatures(spec[5:])
     elif spec == "toy":
@@ -362,8 +398,6 @@ def build_feature_extractor(spec: str, weights: str | None = None, device: str =
         from dallm.toy.world import SIZE
 
         extractor = ModuleFeatures(load_feature_net(), "toy", input_size=SIZE)  # the toy world's images
-    elif spec.startswith("module:") and spec[7:]:
-        extractor = ModuleFeatures(_import_callable(spec[7:])(), spec)
     else:
         raise ValueError(f"--feature: unknown feature {spec!r}; valid forms: {FEATURE_FORMS}")
     return extractor.to(device).eval()

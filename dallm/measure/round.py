@@ -14,6 +14,7 @@ import torch
 
 from dallm.base import vae_roundtrip
 from dallm.measure import readouts
+from dallm.measure.features import FeatureSpec, canonical_feature, feature_name
 from dallm.ranges import AtLeastTwo, Count, NonNegativeFinite, NonNegativeInt, Seed
 
 
@@ -41,7 +42,7 @@ class KIDRound:
         self,
         every_n_steps: NonNegativeInt = 250,
         num_samples: AtLeastTwo = 20,
-        feature: str = "inception",
+        feature: FeatureSpec = "inception",
         weights: str | None = None,
         subset_size: AtLeastTwo = 1000,
         subsets: Count = 100,
@@ -59,7 +60,8 @@ class KIDRound:
                 KID off.
             num_samples: images generated per prompt and round (the paper: as many as teacher images).
             feature: feature space: "inception" (torch-fidelity Inception-v3), "clip:<hub id or dir>" (also
-                logs CMMD), "toy", or "module:<python.path:callable>".
+                logs CMMD), "toy", or any nn.Module class mapping images to (N, D) features as
+                {class_path: <package.module.Class>, init_args: {...}}.
             weights: local Inception weights file (else $DALLM_INCEPTION_WEIGHTS or torch-fidelity's download).
             subset_size: KID subset size; capped at the sample sizes (with one subset when it is both).
             subsets: number of KID subsets.
@@ -86,7 +88,7 @@ class KIDRound:
             raise ValueError(f"--kid.subsets must be >= 1, got {subsets}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.feature = feature
+        self.feature = canonical_feature(feature)  # a name, or a plain {class_path, init_args}
         self.weights = weights
         self.subset_size = subset_size
         self.subsets = subsets
@@ -96,7 +98,7 @@ class KIDRound:
         self.batch_size = batch_size
         self.seed = 0 if seed is None else seed
         self.feature_batch_size = feature_batch_size
-        self.drift_prompts = list(drift_prompts)  # the resume contract records it (dallm.contract)
+        self.drift_prompts = list(drift_prompts)  # read by the resume contract (dallm.contract)
         self.readouts = readouts.RoundReadouts(drift_prompts)  # toy/* and drift/*
         self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
         self._extractor = None
@@ -205,7 +207,7 @@ class KIDRound:
                     metrics[f"kid/{name}_se"] = result.kid_se
                 if result.note:
                     notes.add(f"kid/{name}: {result.note}")
-                if self.feature.startswith("clip:"):
+                if feature_name(self.feature).startswith("clip:"):
                     metrics[f"cmmd/{name}"] = cmmd_from_features(ref[name], fake)
         grid_rows, shown = [images], {"instance": fake}
         class_prompt = trainer.datamodule.hparams.class_prompt
@@ -215,7 +217,7 @@ class KIDRound:
             metrics["kid/prior"] = prior.kid_mean
             if prior.kid_se is not None:
                 metrics["kid/prior_se"] = prior.kid_se
-            if self.feature.startswith("clip:"):
+            if feature_name(self.feature).startswith("clip:"):
                 metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
             grid_rows.append(prior_images)
             shown["class"] = prior_fake

@@ -132,7 +132,7 @@ class Embedder:
     def extractor(self, kid: dict):
         from dallm.measure.kid import build_feature_extractor
 
-        key = (kid["feature"], kid.get("weights"))
+        key = (json.dumps(kid["feature"], sort_keys=True), kid.get("weights"))  # a class_path spec is a dict
         if key not in self._extractors:
             self._extractors[key] = build_feature_extractor(kid["feature"], kid.get("weights"), self.device)
         return self._extractors[key]
@@ -150,7 +150,7 @@ class Embedder:
 
         data = cfg["data"]
         dm = DallmDataModule(**data)
-        key = (cfg["kid"]["feature"], tuple(map(str, dm.val_teacher_paths)))
+        key = (json.dumps(cfg["kid"]["feature"], sort_keys=True), tuple(map(str, dm.val_teacher_paths)))
         if key not in self._teacher:
             if len(dm.val_teacher_paths) < 2:
                 raise ValueError(
