@@ -288,7 +288,7 @@ def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True, path:
                 continue
             held, now = record.get(key), given.get(key)
             if key == "kid.feature":  # a name or a class_path; an earlier version's name for the same net
-                from dallm.measure.features import canonical_feature
+                from dallm.measure.feature_spec import canonical_feature
 
                 held, now = canonical_feature(held), canonical_feature(now)
             unknown = key == "world_size" and (held is None or now is None)  # only Lightning could tell

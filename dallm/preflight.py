@@ -169,7 +169,7 @@ def check_kid_feature(kid: Any) -> None:
     """--kid.feature's form (and a class_path's import and init_args) before the class images, not at KID setup."""
     if kid is None or not kid.get("every_n_steps"):
         return
-    from dallm.measure.features import check_feature_spec
+    from dallm.measure.feature_spec import check_feature_spec
 
     try:
         check_feature_spec(kid.get("feature"), kid.get("weights"))

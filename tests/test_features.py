@@ -21,10 +21,10 @@ from PIL import Image
 from dallm.arch.tiny import make_tiny_images
 from dallm.cli import main
 from dallm.measure import features
+from dallm.measure.feature_spec import build_feature_extractor
 from dallm.measure.features import (
     INCEPTION_SIZE,
     ModuleFeatures,
-    build_feature_extractor,
     clean_resize,
     decode_for,
     features_of_dir,

@@ -39,7 +39,12 @@ PRIOR_FLAGS = DirFlags(
 
 
 class DallmDataModule(pl.LightningDataModule):
-    """Teacher images (+ prior-preservation class images made by the base model) for LoRA alignment."""
+    """Teacher images (+ prior-preservation class images made by the base model) for LoRA alignment.
+
+    Over 250 lines: a hundred of them are `__init__`, the `--data.*` flags with their documentation (the
+    `--help`) and checks; the rest are Lightning's hooks (split, class images, setup, loaders) over helpers
+    that live in `dataset`, `stream` and the teacher wing's `slots` and `pipeline`.
+    """
 
     def __init__(
         self,

@@ -29,12 +29,11 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from dallm.images import list_images
 
 # Re-exported: the KID callback, scripts and tests import the extractors from here.
+from dallm.measure.feature_spec import FEATURE_FORMS, build_feature_extractor  # noqa: F401
 from dallm.measure.features import (  # noqa: F401
-    FEATURE_FORMS,
     INCEPTION_ENV,
     INCEPTION_FILE,
     FeatureExtractor,
-    build_feature_extractor,
     features_of_dir,
     features_of_images,
     features_of_paths,

@@ -14,7 +14,7 @@ import torch
 
 from dallm.base import vae_roundtrip
 from dallm.measure import readouts
-from dallm.measure.features import FeatureSpec, canonical_feature, feature_name
+from dallm.measure.feature_spec import FeatureSpec, canonical_feature, feature_name
 from dallm.ranges import AtLeastTwo, Count, NonNegativeFinite, NonNegativeInt, Seed
 
 
