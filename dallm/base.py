@@ -56,7 +56,8 @@ def load_base_parts(
 
     Returns:
         {"tokenizer", "noise_scheduler", "text_encoder", "vae", "unet"}, the keyword arguments of
-        `DallmModule.attach_base`.
+        `DallmModule.attach_base`; with "tokenizer_2" and "text_encoder_2" too for an SDXL model (detected
+        from its own model_index.json, dallm.sdxl).
 
     Raises:
         ValueError: naming `flag`, when the model cannot be loaded.
@@ -65,37 +66,41 @@ def load_base_parts(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from dallm import sdxl
+
     kw = {"revision": revision}
     # `dtype`, not `torch_dtype`: diffusers 0.42 and transformers 5 deprecate the latter (pyproject floors).
     weights = {"variant": variant, "dtype": dtype, **kw}
     try:
         config = diffusers.DDPMScheduler.load_config(src, subfolder="scheduler", **kw)
         scheduler_cls = getattr(diffusers, scheduler or config["_class_name"])
-        return {
+        parts = {
             "tokenizer": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
             "noise_scheduler": scheduler_cls.from_config(config),
             "text_encoder": CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights),
             "vae": AutoencoderKL.from_pretrained(src, subfolder="vae", **weights),
             "unet": UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights),
         }
+        if sdxl.is_sdxl_model(src, revision):
+            parts.update(sdxl.load_sdxl_parts(src, kw, weights, parts["unet"]))
+        return parts
     except (OSError, ValueError) as err:
         raise _load_error(src, flag, err) from err
 
 
-def pipeline_from_parts(tokenizer, text_encoder, vae, unet, scheduler) -> Any:
-    """A StableDiffusionPipeline over the given parts (no copies), without safety checker or progress bar."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_from_parts(
+    tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2=None, text_encoder_2=None
+) -> Any:
+    """A StableDiffusionPipeline over the given parts (no copies), without safety checker or progress bar;
+    a StableDiffusionXLPipeline (no watermark) when the second text encoder is given (SDXL)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+    if text_encoder_2 is not None:
+        xl = {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "add_watermarker": False}
+        pipe = StableDiffusionXLPipeline(**parts, **xl)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -125,7 +130,7 @@ def load_base_pipeline(
     device: str | None = None,
     flag: str = "--model.pretrained_model_name_or_path",
 ) -> Any:
-    """The base model as a StableDiffusionPipeline on `device` (default: cuda if available), in the
+    """The base model as a StableDiffusion(XL)Pipeline on `device` (default: cuda if available), in the
     dtype rule's dtype, sampling with the scheduler it was saved with."""
     device = device or default_device()
     parts = load_base_parts(

@@ -1,31 +1,27 @@
-"""Lightning callbacks of dallm."""
+"""The Lightning hooks of a dallm run besides the KID round's: export, best checkpoint, early stop, progress, HParams.
+
+The KID round and its callback are in `dallm.measure` (`round`, `callback`); `KIDCallback` is imported here
+because the export, early stop and HParams hooks read its history.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-from dallm import readouts
-from dallm.base import vae_roundtrip
 from dallm.ema import looked_at
-from dallm.ranges import AtLeastTwo, Count, NonNegativeFinite, NonNegativeInt, Seed
-
-
-def run_dir(trainer: pl.Trainer) -> Path:
-    """The run directory: the logger's version dir (lightning_logs/<name>/version_k), else default_root_dir."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+from dallm.measure.callback import KIDCallback
+from dallm.trainer import run_dir
 
 
 class LoraExport(pl.Callback):
     """Export the LoRA + token embeddings at every checkpoint and at the end of training, in every format.
 
     Writes `<run dir>/lora/step=NNNNNN/` (diffusers files, the kohya file, the run's embedding, a model card;
-    see `dallm.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
+    see `dallm.export.formats`), refreshes `<run dir>/lora/last/`, and refreshes `<run dir>/lora/best/` whenever the
     best-KID checkpoint (`checkpoints/best.ckpt`, a ModelCheckpoint monitoring kid/val) is saved. Global rank
     0 writes.
     """
@@ -37,7 +33,7 @@ class LoraExport(pl.Callback):
             formats: export formats: diffusers (load_lora_weights + token files), kohya (for A1111, Forge,
                 ComfyUI and kohya, beside the run's embedding file), a1111 (the embedding bundled inside).
         """
-        from dallm.formats import check_formats
+        from dallm.export.formats import check_formats
 
         self.enabled = enabled
         self.formats = check_formats(list(formats), "--export.formats")
@@ -52,7 +48,7 @@ class LoraExport(pl.Callback):
         self.run_info = dict(state_dict.get("run_info") or {})
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from dallm.formats import run_name
+        from dallm.export.formats import run_name
 
         dm = trainer.datamodule
         hp = getattr(dm, "hparams", {})
@@ -74,7 +70,7 @@ class LoraExport(pl.Callback):
         self._best_score = _score(best.best_model_score) if best is not None else None
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
-        from dallm.formats import copy_export, write_exports
+        from dallm.export.formats import copy_export, write_exports
 
         step = trainer.global_step
         if not self.enabled or self._exported_step == step:
@@ -107,7 +103,7 @@ class LoraExport(pl.Callback):
 
     def export_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refresh lora/best when the best-KID checkpoint has just taken a new best (it is being saved now)."""
-        from dallm.formats import copy_export
+        from dallm.export.formats import copy_export
 
         best = best_checkpoint_callback(trainer)
         score = _score(best.best_model_score) if best is not None else None
@@ -197,321 +193,6 @@ class StepProgressBar(RichProgressBar):
         step, total = trainer.global_step, trainer.max_steps
         self.progress.update(self.train_progress_bar_id, completed=step, total=total, description=f"step {step}/{total}")
 
-
-def gather_rows(trainer: pl.Trainer, rows: torch.Tensor) -> torch.Tensor:
-    """All-gather per-rank row blocks of unequal sizes into one (sum of sizes, ...) tensor, rank by rank."""
-    if trainer.world_size == 1:
-        return rows
-    from torchmetrics.utilities.distributed import gather_all_tensors
-
-    return torch.cat(gather_all_tensors(rows))  # pads uneven blocks for the collective and trims them
-
-
-@contextmanager
-def own_rng(device: torch.device | None = None):
-    """Run a block with the global generators forked: whatever it draws, the training stream is unchanged."""
-    devices = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-class KIDCallback(pl.Callback):
-    """Kernel Inception Distance of the model's samples to the teacher images while it trains.
-
-    At step 0 (the base model), every `every_n_steps` and at the end, it samples `num_samples` images
-    with fixed seeds for the instance prompt and logs `kid/train` (against the teacher images trained
-    on), `kid/val` (against held-out teacher images), `kid/prior` (class-prompt samples against the base
-    model's class images, i.e. forgetting), each with its standard error (`kid/val_se`, ...: over draws of
-    the two samples, not over the choice of sampling seeds) and, with CLIP features, `cmmd/*`. Once, at
-    the first round, it also logs two references: `kid/reference` (train vs held-out teacher images: what
-    "no difference" looks like at this sample size) and `kid/val_floor` (held-out teacher images vs their
-    own VAE reconstructions: the best any fine-tuning of this UNet can reach).
-    Teacher features are computed once; a grid of the samples goes to TensorBoard (`samples`) and to
-    `<run dir>/samples/step=NNNNNN.png`. Under DDP every rank samples its share of the seeds.
-    """
-
-    def __init__(
-        self,
-        every_n_steps: NonNegativeInt = 250,
-        num_samples: AtLeastTwo = 20,
-        feature: str = "inception",
-        weights: str | None = None,
-        subset_size: AtLeastTwo = 1000,
-        subsets: Count = 100,
-        num_inference_steps: Count = 25,
-        guidance_scale: NonNegativeFinite = 7.5,
-        scheduler: str = "dpm++",
-        batch_size: Count = 10,
-        seed: Seed | None = None,
-        feature_batch_size: Count = 32,
-        drift_prompts: list[str] = ["a photo of a dog", "a city street at night", "a bowl of fruit on a table"],  # noqa: B006
-    ) -> None:
-        """
-        Args:
-            every_n_steps: KID round every this many optimizer steps (plus step 0 and the end); 0 turns
-                KID off.
-            num_samples: images generated per prompt and round (the paper: as many as teacher images).
-            feature: feature space: "inception" (torch-fidelity Inception-v3), "clip:<hub id or dir>" (also
-                logs CMMD), "toy", or "module:<python.path:callable>".
-            weights: local Inception weights file (else $DALLM_INCEPTION_WEIGHTS or torch-fidelity's download).
-            subset_size: KID subset size; capped at the sample sizes (with one subset when it is both).
-            subsets: number of KID subsets.
-            num_inference_steps: sampler steps per image.
-            guidance_scale: classifier-free guidance scale.
-            scheduler: sampler: "dpm++" (DPM-Solver++ multistep), "ddim", or "model" (the base model's own).
-            batch_size: images generated per pipeline call.
-            seed: first sampling seed; image i uses seed + i, the same at every round. Default: the run's
-                --seed_everything (0 outside the CLI).
-            feature_batch_size: images per feature-extractor call.
-            drift_prompts: prompts the run never trains on, for `drift/other` (dallm.readouts); [] for none.
-        """
-        if every_n_steps < 0:
-            raise ValueError(f"--kid.every_n_steps must be >= 0, got {every_n_steps}")
-        if num_samples < 2:
-            raise ValueError(f"--kid.num_samples must be >= 2 (KID needs two samples), got {num_samples}")
-        if scheduler not in ("dpm++", "ddim", "model"):
-            raise ValueError(f"--kid.scheduler must be dpm++, ddim or model, got {scheduler!r}")
-        if batch_size < 1 or feature_batch_size < 1:
-            raise ValueError("--kid.batch_size and --kid.feature_batch_size must be >= 1")
-        if subset_size < 2:  # checked now, not at the first KID round after class images and model loading
-            raise ValueError(f"--kid.subset_size must be >= 2 (KID compares pairs), got {subset_size}")
-        if subsets < 1:
-            raise ValueError(f"--kid.subsets must be >= 1, got {subsets}")
-        self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.feature = feature
-        self.weights = weights
-        self.subset_size = subset_size
-        self.subsets = subsets
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.scheduler = scheduler
-        self.batch_size = batch_size
-        self.seed = 0 if seed is None else seed
-        self.feature_batch_size = feature_batch_size
-        self.drift_prompts = list(drift_prompts)  # recorded in checkpoints (dallm.contract)
-        self.readouts = readouts.RoundReadouts(self.drift_prompts)  # toy/* and drift/*
-        self.history: list[dict] = []  # one entry per round; saved in checkpoints, so resume continues
-        self._extractor = None
-        self._reference: dict[str, torch.Tensor] = {}
-        self._noted: set[str] = set()
-
-    @property
-    def enabled(self) -> bool:
-        return self.every_n_steps > 0
-
-    # ---------------------------------------------------------------- state across resume
-    def state_dict(self) -> dict:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.history = list(state_dict.get("history", []))
-
-    def done_steps(self) -> set[int]:
-        return {h["step"] for h in self.history}
-
-    # ---------------------------------------------------------------- hooks
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if not self.enabled or stage != "fit":
-            return
-        from dallm.metrics import build_feature_extractor
-
-        # Build now so a bad --kid.feature or missing weights fails before any training; a feature net that
-        # initialises randomly draws from a forked generator, not the run's.
-        try:
-            with own_rng():
-                self._extractor = build_feature_extractor(self.feature, weights=self.weights, device="cpu")
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"--kid.feature {self.feature!r}: {err}") from err
-
-    def due(self, trainer, step: int) -> bool:
-        """Whether `step` is a scheduled round: 0, every `every_n_steps`, and the last step."""
-        return step % self.every_n_steps == 0 or step >= trainer.max_steps > 0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # The base model's round at step 0; a run resumed at a step that is not scheduled gets no extra
-        # round (its curve must equal the uninterrupted run's), one resumed at a scheduled step that was
-        # not scored yet gets it.
-        step = trainer.global_step
-        if self.enabled and self.due(trainer, step) and step not in self.done_steps():
-            self.run_round(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.enabled:
-            return
-        step = trainer.global_step
-        # The final round runs here too, before ModelCheckpoint's save of the same step, so that
-        # last.ckpt holds it and a resumed run does not repeat it.
-        if self.due(trainer, step) and step not in self.done_steps():
-            self.run_round(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.enabled and trainer.global_step not in self.done_steps():
-            self.run_round(trainer, pl_module)
-
-    # ---------------------------------------------------------------- the round
-    def features(self, images: torch.Tensor, device) -> torch.Tensor:
-        """(N, 3, H, W) images in [0, 1] -> (N, D) fp32 features, on the CPU."""
-        from dallm.metrics import features_of_images
-
-        self._extractor.to(device)
-        return features_of_images(images, self._extractor, self.feature_batch_size).float().cpu()
-
-    def teacher_features(self, trainer, pl_module) -> dict[str, torch.Tensor]:
-        """Features of the teacher (train, val) and class images, computed once per fit."""
-        if self._reference:
-            return self._reference
-        from dallm.metrics import features_of_paths
-
-        dm = trainer.datamodule
-        sets = {"train": dm.train_teacher_paths, "val": dm.val_teacher_paths}
-        if dm.with_prior_preservation:
-            sets["prior"] = dm.prior_paths
-        self._extractor.to(pl_module.device)
-        for name, paths in sets.items():
-            if len(paths) >= 2:  # each file decoded and resized on its own, as the extractor expects
-                feats = features_of_paths(paths, self._extractor, self.feature_batch_size)
-                self._reference[name] = feats.float().cpu()
-        return self._reference
-
-    def samples(self, trainer, pl_module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed-seed samples for `prompt` and their features: ((N, 3, H, W) in [0, 1], (N, D)), on CPU.
-
-        Under DDP each rank generates and embeds its share of the seeds; images and features are then
-        gathered, so every rank holds the same full set in seed order.
-        """
-        from dallm.base import make_scheduler  # the sampler `dallm sample` builds from the same name
-
-        world, rank = trainer.world_size, trainer.global_rank
-        res = trainer.datamodule.hparams.resolution
-        seeds = list(range(self.seed, self.seed + self.num_samples))
-        mine = seeds[rank::world]
-        out = []
-        for i in range(0, len(mine), self.batch_size):
-            batch = pl_module.generate(
-                prompt,
-                mine[i : i + self.batch_size],
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
-                resolution=res,
-                scheduler=make_scheduler(self.scheduler, pl_module.noise_scheduler.config),
-                output_type="pt",
-            )
-            # uint8, as the images would be saved: the features see what a PNG would hold.
-            out.append((batch.float().clamp(0, 1) * 255).round().to(torch.uint8))
-        images = torch.cat(out) if out else torch.zeros(0, 3, res, res, dtype=torch.uint8)
-        feats = self.features(images.float() / 255, pl_module.device)  # (n_mine, D)
-        images = gather_rows(trainer, images.to(pl_module.device)).cpu()
-        feats = gather_rows(trainer, feats.to(pl_module.device)).cpu()
-        # Back to seed order (rank r holds seeds r, r + W, ...).
-        order = [s for r in range(world) for s in seeds[r::world]]
-        index = torch.tensor([order.index(s) for s in seeds])
-        return images[index].float() / 255, feats[index]
-
-    def reference_metrics(self, pl_module, ref: dict[str, torch.Tensor], trainer) -> dict[str, float]:
-        """KID train-vs-val teacher images, and held-out teachers vs their VAE reconstructions."""
-        from dallm.metrics import images_to_tensor
-
-        out = {}
-        if "train" in ref and "val" in ref:
-            out["kid/reference"] = self.kid(ref["val"], ref["train"]).kid_mean
-        if "val" in ref:
-            real = images_to_tensor(
-                trainer.datamodule.val_teacher_paths, size=trainer.datamodule.hparams.resolution
-            )
-            recon = vae_roundtrip(pl_module.vae, real)
-            out["kid/val_floor"] = self.kid(ref["val"], self.features(recon, pl_module.device)).kid_mean
-        return out
-
-    def kid(self, real: torch.Tensor, fake: torch.Tensor):
-        from dallm.metrics import kid_from_features
-
-        return kid_from_features(
-            real, fake, subset_size=self.subset_size, subsets=self.subsets, seed=self.seed
-        )
-
-    def run_round(self, trainer, pl_module) -> None:
-        """One KID round on forked generators: scoring never changes what is trained."""
-        step = trainer.global_step
-        bad = pl_module.nonfinite_parameters() if hasattr(pl_module, "nonfinite_parameters") else []
-        if bad:
-            # Samples of a diverged model are noise or black; a KID of them would look plausible.
-            rank_zero_info(f"dallm: step {step}: no KID round: {len(bad)} trainable tensors are non-finite")
-            return
-        with own_rng(pl_module.device), looked_at(pl_module):  # the weight average, with --model.ema_decay
-            self._run_round(trainer, pl_module, step)
-
-    def _run_round(self, trainer, pl_module, step: int) -> None:
-        import time
-
-        from dallm.metrics import cmmd_from_features
-
-        start = time.perf_counter()
-        ref = self.teacher_features(trainer, pl_module)
-        metrics: dict[str, float] = {}
-        notes = set()
-        images, fake = self.samples(trainer, pl_module, pl_module.hparams.instance_prompt)
-        for name in ("train", "val"):
-            if name in ref:
-                result = self.kid(ref[name], fake)
-                metrics[f"kid/{name}"] = result.kid_mean
-                if result.kid_se is not None:
-                    metrics[f"kid/{name}_se"] = result.kid_se
-                if result.note:
-                    notes.add(f"kid/{name}: {result.note}")
-                if self.feature.startswith("clip:"):
-                    metrics[f"cmmd/{name}"] = cmmd_from_features(ref[name], fake)
-        grid_rows, shown = [images], {"instance": fake}
-        class_prompt = trainer.datamodule.hparams.class_prompt
-        if "prior" in ref and class_prompt:
-            prior_images, prior_fake = self.samples(trainer, pl_module, class_prompt)
-            prior = self.kid(ref["prior"], prior_fake)
-            metrics["kid/prior"] = prior.kid_mean
-            if prior.kid_se is not None:
-                metrics["kid/prior_se"] = prior.kid_se
-            if self.feature.startswith("clip:"):
-                metrics["cmmd/prior"] = cmmd_from_features(ref["prior"], prior_fake)
-            grid_rows.append(prior_images)
-            shown["class"] = prior_fake
-        metrics.update(self.readouts(trainer, pl_module, self, ref, shown))
-        if not self.history:
-            metrics.update(self.reference_metrics(pl_module, ref, trainer))
-        metrics["kid/round_seconds"] = time.perf_counter() - start
-        self.history.append({"step": step, **metrics})
-        # This step's numbers, for the best-KID ModelCheckpoint and EarlyStopping (every rank: they all decide).
-        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
-
-        out_dir = run_dir(trainer) / "samples"  # a collective under DDP: all ranks ask
-        if trainer.is_global_zero:
-            self.write_grid(trainer, grid_rows, out_dir / f"step={step:06d}.png", step)
-            if trainer.logger is not None:
-                trainer.logger.log_metrics(metrics, step=step)
-            rank_zero_info(f"dallm: step {step}: {format_metrics(metrics)}")
-            for note in sorted(notes - self._noted):  # each note once per run, not every round
-                rank_zero_info(f"  note: {note}")
-            self._noted |= notes
-
-    def write_grid(self, trainer, rows: list[torch.Tensor], path: Path, step: int) -> None:
-        from torchvision.utils import make_grid, save_image
-
-        per_row = rows[0].shape[0]
-        grid = make_grid(torch.cat(rows), nrow=per_row, padding=1)  # one row per prompt
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("samples", grid, step)
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """`kid/val 0.0113 ± 0.0040, ...`: each value with its standard error where it has one."""
-    shown = []
-    for key, value in metrics.items():
-        if key.endswith("_se"):
-            continue
-        se = metrics.get(f"{key}_se")
-        shown.append(f"{key} {value:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
-    return ", ".join(shown)
 
 
 class HParamsLog(pl.Callback):

@@ -1,4 +1,4 @@
-"""Command line: `python -m dallm fit|validate --config C.yaml` (LightningCLI over jsonargparse)."""
+"""The command table: `python -m dallm COMMAND ...`; fit and validate through LightningCLI, the rest as typed functions."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from dallm import preflight
 from dallm.callbacks import (
     HParamsLog,
-    KIDCallback,
     KIDEarlyStopping,
     LoraExport,
     StepProgressBar,
@@ -25,8 +24,9 @@ from dallm.callbacks import (
     run_dir,
 )
 from dallm.contract import ContractRecord
-from dallm.data import DallmDataModule
+from dallm.data.datamodule import DallmDataModule
 from dallm.errors import PARSER_KWARGS, error_boundary
+from dallm.measure.callback import KIDCallback
 from dallm.module import DallmModule
 from dallm.ranges import Count, Seed, plain_numbers
 from dallm.resume import (  # noqa: F401 (resolve_last_checkpoint: public name of this module before)
@@ -60,13 +60,44 @@ TRAINER_DEFAULTS = {
 # Commands outside LightningCLI: `python -m dallm NAME ARGS...` calls "module:function"(ARGS) -> exit status.
 # One line per command; each is a typed function under jsonargparse or its own small parser.
 COMMANDS = {
-    "kid": "dallm.kid:kid_main",
-    "teacher": "dallm.teacher:teacher_main",
-    "sample": "dallm.sample:sample_main",
-    "export": "dallm.export:export_main",
-    "sweep": "dallm.sweep:sweep_main",
-    "report": "dallm.report:report_main",
+    "kid": "dallm.measure.command:kid_main",
+    "teacher": "dallm.teacher.command:teacher_main",
+    "sample": "dallm.export.sample:sample_main",
+    "export": "dallm.export.command:export_main",
+    "sweep": "dallm.sweep.command:sweep_main",
+    "report": "dallm.sweep.report:report_main",
 }
+
+
+# `dallm --help`: every command with one line, in the order a run meets them.
+SUMMARY = {
+    "teacher": "collect teacher images into a directory (OpenAI Images API, a diffusers pipeline, a folder)",
+    "fit": "train a LoRA + placeholder tokens toward the teacher images, KID every N steps (LightningCLI)",
+    "validate": "the held-out diffusion loss of a checkpoint (LightningCLI)",
+    "kid": "KID between image folders, or the relative KID test of two generated folders",
+    "sample": "images from a trained LoRA the way a diffusers user loads it, beside the base if asked",
+    "export": "a checkpoint or export in the formats other tools load (diffusers, kohya, a1111)",
+    "sweep": "a grid of `dallm fit` runs x seeds, on this machine or through submitit (SLURM)",
+    "report": "KID curves, tables and relative tests of a sweep, or one run's figure",
+}
+
+
+def overview() -> str:
+    """The text of `dallm --help` (and of `dallm` alone): usage and one line per command."""
+    width = max(map(len, SUMMARY))
+    lines = [f"  {name:<{width}}  {text}" for name, text in SUMMARY.items()]
+    return "\n".join(
+        [
+            "usage: dallm COMMAND [ARGS...]   (python -m dallm COMMAND ...)",
+            "",
+            "Align a small text-to-image model with a larger one: LoRA + pivotal tokens, measured with KID.",
+            "",
+            "commands:",
+            *lines,
+            "",
+            "dallm COMMAND --help: the command's flags.",
+        ]
+    )
 
 
 class DallmCLI(LightningCLI):
@@ -199,7 +230,7 @@ class DallmCLI(LightningCLI):
             print(f"  TensorBoard: tensorboard --logdir {out.parent}")
             print(f"  checkpoints: {out / 'checkpoints'}   (resume: --ckpt_path last)")
             print(f"  LoRA + token embeddings: {out / 'lora' / 'last'}   (look at it: python -m dallm sample --lora {out})")
-            from dallm.card import trigger_summary
+            from dallm.export.card import trigger_summary
 
             trigger = trigger_summary(out / "lora" / "last")
             if trigger:
@@ -219,7 +250,7 @@ class DallmCLI(LightningCLI):
                     f"  kid/val: step {first['step']} {with_se(first, 'kid/val')} -> step {last['step']} "
                     f"{with_se(last, 'kid/val')}" + shown
                 )
-                from dallm.readouts import summary_line
+                from dallm.measure.readouts import summary_line
 
                 for entry in (first, last):  # the base's readouts, then the trained model's
                     if summary_line(entry):
@@ -271,7 +302,11 @@ def cli_kwargs() -> dict:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         # Argument errors raise (one line at the boundary) instead of printing the whole usage.
-        parser_kwargs={**PARSER_KWARGS, **{name: dict(PARSER_KWARGS) for name in DallmCLI.subcommands()}},
+        parser_kwargs={
+            **PARSER_KWARGS,
+            "prog": "dallm",  # not `__main__.py`: `python -m dallm fit --help` reads `usage: dallm fit ...`
+            **{name: dict(PARSER_KWARGS) for name in DallmCLI.subcommands()},
+        },
     )
 
 
@@ -311,6 +346,9 @@ def main(args: ArgsType = None) -> DallmCLI | None:
     """
     argv = sys.argv[1:] if args is None else args
     command = argv[0] if isinstance(argv, (list, tuple)) and argv and isinstance(argv[0], str) else ""
+    if isinstance(argv, (list, tuple)) and (not argv or argv[0] in ("-h", "--help")):
+        print(overview())
+        raise SystemExit(0 if argv else 2)  # `dallm` alone names no command: a usage error, after the list
     with error_boundary(command), _releasing_run_locks():
         if command in COMMANDS:
             # Not a training command: no LightningCLI around it.

@@ -199,7 +199,7 @@ class ContractRecord(pl.Callback):
     """Writes what a resume must keep and Lightning does not store (`dallm_contract`) into every checkpoint."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        from dallm.callbacks import KIDCallback
+        from dallm.measure.callback import KIDCallback
 
         schedulers, clip = trainer.lr_scheduler_configs, trainer.gradient_clip_val
         algorithm = trainer.gradient_clip_algorithm or "norm"
@@ -287,7 +287,13 @@ def contract_differences(cfg, ckpt: dict[str, Any], training: bool = True, path:
             if key.startswith("kid.") and not measured:
                 continue
             held, now = record.get(key), given.get(key)
+            if key == "kid.feature":  # a name or a class_path; an earlier version's name for the same net
+                from dallm.measure.feature_spec import canonical_feature
+
+                held, now = canonical_feature(held), canonical_feature(now)
             unknown = key == "world_size" and (held is None or now is None)  # only Lightning could tell
+            # Checkpoints before issue 21 recorded kid.drift_prompts as None (the callback had no such attribute).
+            unknown = unknown or (key == "kid.drift_prompts" and held is None)
             if key in record and not unknown and not _same(held, now):
                 flag = "--trainer.devices x --trainer.num_nodes (world size)" if key == "world_size" else f"--{key}"
                 diffs.append(f"{flag} {held!r} vs {now!r}")

@@ -1,6 +1,6 @@
 """Image files: listing a directory, decoding any file to RGB, resizing the short side.
 
-Shared by training (`dallm.dataset`), measurement (`dallm.metrics`) and collection (`dallm teacher
+Shared by training (`dallm.data.dataset`), measurement (`dallm.measure.kid`) and collection (`dallm teacher
 --backend folder`), so a file means the same pixels everywhere.
 """
 
@@ -23,7 +23,7 @@ def check_image_size(path: str | Path, size: tuple[int, int], limit: int | None 
     """Refuse an image larger than MAX_IMAGE_PIXELS (or `limit`) from its header size, before decoding it.
 
     Called by `load_rgb` between `Image.open` (which reads only the header) and `im.load()`, by
-    `dallm.features.decode_for` (`dallm kid`, KID rounds) and by preflight for the teacher images.
+    `dallm.measure.features.decode_for` (`dallm kid`, KID rounds) and by preflight for the teacher images.
     """
     width, height = size
     limit = MAX_IMAGE_PIXELS if limit is None else limit

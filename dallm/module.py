@@ -2,50 +2,31 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 
 from dallm import diffusion, lora, step, tokens
-from dallm.cache import LatentCache, vae_identity
+from dallm.cache import LatentCache
 from dallm.errors import DallmError
 from dallm.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
 from dallm.objective import check_hold_arguments
 from dallm.ranges import Count, NonNegativeFinite, PositiveFinite, Seed, UnitIntervalOpenRight
+from dallm.student import Student
 
 
 class DivergedError(DallmError, FloatingPointError):
     """Training produced a non-finite loss or non-finite trainable weights; the run stops."""
 
 
-def init_seed(seed: int, salt: int) -> int:
-    """Seed of one initialisation (salt: which one) as a pure function of the run seed."""
-    return ((seed * 1_000_003 + salt) * 2_654_435_761) % (2**63)
+class DallmModule(Student, pl.LightningModule):
+    """Fine-tune Stable Diffusion with LoRA + pivotal tokens + DreamBooth prior preservation.
 
-
-@contextmanager
-def seeded(seed: int):
-    """Draw from the global generators seeded with `seed` inside, and leave their state as it was after.
-
-    peft and the token initialisation draw from the global generator; this makes them a function of the
-    run seed, whatever the data module, callbacks or feature nets drew before.
+    The student it trains (frozen base, LoRA, tokens, prompt encoding, sampling) is `dallm.student.Student`.
+    Over 250 lines because `__init__` is the `--model.*` flags with their documentation (the `--help`) and checks.
     """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-# Stored half dtype of the frozen base for each mixed-precision setting of the trainer.
-_FROZEN_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-class DallmModule(pl.LightningModule):
-    """Fine-tune Stable Diffusion with LoRA + pivotal tokens + DreamBooth prior preservation."""
 
     def __init__(
         self,
@@ -181,138 +162,12 @@ class DallmModule(pl.LightningModule):
         # The checkpoint holds only what trains; the frozen base is reloaded from its source.
         self.strict_loading = False
         self.unet = None
+        self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder (dallm.sdxl)
         self.ema = None
         self.latent_cache: LatentCache | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
 
-    # ------------------------------------------------------------------ loading
-    def frozen_dtype(self) -> torch.dtype:
-        """Dtype of the frozen base: half when the trainer runs mixed precision, else fp32."""
-        trainer = self._trainer
-        return (
-            _FROZEN_DTYPE.get(str(trainer.precision), torch.float32) if trainer is not None else torch.float32
-        )
-
-    def configure_model(self) -> None:
-        """Load the frozen base once, add placeholder tokens and LoRA (idempotent)."""
-        if self.unet is not None:
-            return
-        self.attach_base(**self.load_base())
-
-    def load_base(self) -> dict:
-        """Tokenizer, noise scheduler, text encoder, VAE and UNet of the base model, in the frozen dtype."""
-        from dallm.base import load_base_parts
-
-        hp = self.hparams
-        return load_base_parts(
-            hp.pretrained_model_name_or_path,
-            revision=hp.revision,
-            variant=hp.variant,
-            dtype=self.frozen_dtype(),
-        )
-
-    def attach_base(self, tokenizer, noise_scheduler, text_encoder, vae, unet) -> None:
-        """Freeze the base parts, add placeholder tokens and LoRA, and make them this module's.
-
-        Separate from loading so that benchmarks can attach a full-size architecture with random weights.
-        """
-        from diffusers.training_utils import cast_training_params
-
-        hp = self.hparams
-        self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
-        for part in (text_encoder, vae, unet):
-            part.requires_grad_(False)
-            part.eval()
-
-        lora.check_target_modules(unet, hp.target_modules, "--model.target_modules")
-        # Each initialisation from its own seed of the run: independent of anything drawn before it.
-        with seeded(init_seed(hp.seed, 1)):
-            lora.add_lora(unet, lora.lora_config(hp.rank, hp.alpha, hp.lora_dropout, hp.target_modules, hp.use_dora))
-        if hp.train_text_encoder:
-            lora.check_target_modules(
-                text_encoder, hp.text_encoder_target_modules, "--model.text_encoder_target_modules"
-            )
-            with seeded(init_seed(hp.seed, 2)):
-                lora.add_lora(
-                    text_encoder,
-                    lora.lora_config(
-                        hp.rank, hp.alpha, hp.lora_dropout, hp.text_encoder_target_modules, hp.use_dora
-                    ),
-                )
-        if hp.placeholder_tokens:
-            with seeded(init_seed(hp.seed, 3)):
-                tokens.add_placeholder_tokens(
-                    self.tokenizer, text_encoder, list(hp.placeholder_tokens), hp.initializer_token
-                )
-        # Frozen base stays in its (half) dtype; only the trainable parameters are fp32.
-        cast_training_params([unet, text_encoder], dtype=torch.float32)
-
-        if hp.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if hp.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        if hp.compile:
-            unet.compile()  # in place: parameter names (and so checkpoints) stay the same
-        if hp.cache_latents:
-            self.latent_cache = LatentCache(
-                vae_identity(vae, str(hp.pretrained_model_name_or_path)), hp.cache_dir
-            )
-        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
-        if hp.get("ema_decay", 0.0) > 0:
-            from dallm.ema import WeightAverage
-
-            self.ema = WeightAverage([(n, p) for n, p in self.named_parameters() if p.requires_grad], hp.ema_decay)
-        trainable, total = lora.count_parameters(self)
-        self.param_counts = {"trainable": trainable, "total": total}
-        rank_zero_info(
-            f"dallm: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%); "
-            f"frozen base stored as {unet.dtype}"
-        )
-
-    @property
-    def token_embedding(self) -> tokens.PlaceholderEmbedding | None:
-        emb = self.text_encoder.get_input_embeddings()
-        return emb if isinstance(emb, tokens.PlaceholderEmbedding) else None
-
-    def train(self, mode: bool = True):
-        """Keep the frozen VAE and text encoder in eval mode whatever Lightning asks.
-
-        The UNet follows `mode` only for the LoRA dropout; its own layers have no dropout in SD.
-        """
-        super().train(mode)
-        if self.unet is not None:
-            self.vae.eval()
-            if not self.hparams.train_text_encoder:
-                self.text_encoder.eval()
-        return self
-
     # ------------------------------------------------------------------ steps
-    def encode_prompts(self, prompts: list[str], cache: bool = True) -> torch.Tensor:
-        """Prompt strings -> CLIP hidden states (N, L, D), each distinct prompt encoded once.
-
-        A prompt without placeholder tokens gives the same states at every step when the text encoder
-        has no LoRA (the new rows only change sequences that contain them), so its states are cached.
-        Readouts pass cache=False: what training reads from the cache never depends on what they encoded.
-        """
-        cacheable = cache and not self.hparams.train_text_encoder
-        unique = list(dict.fromkeys(prompts))
-        todo = [p for p in unique if not (cacheable and p in self._text_cache)]
-        states = {p: self._text_cache[p] for p in unique if p not in todo}
-        if todo:
-            ids = self.tokenizer(
-                todo,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0]  # (U, L, D)
-            for p, h in zip(todo, hidden, strict=True):
-                states[p] = h
-                if cacheable and not any(t in p for t in self.hparams.placeholder_tokens):
-                    self._text_cache[p] = h.detach()
-        return torch.stack([states[p] for p in prompts])
-
     def step_generator(self, micro_step: int) -> torch.Generator:
         """Noise source for one micro-batch: a pure function of (seed, step, rank), so resume is exact."""
         seed = (self.hparams.seed * 1_000_003 + micro_step) * 4099 + self.global_rank
@@ -327,20 +182,6 @@ class DallmModule(pl.LightningModule):
         diffusion noise and timestep then come from its own generator, whatever the batch holds).
         """
         return self.step_losses(batch, generator, uncond=False, plain=True)["diffusion"]
-
-    @contextmanager
-    def base_only(self):
-        """The frozen base inside: LoRA layers of the UNet (and text encoder, if it has them) switched off."""
-        from diffusers.utils.peft_utils import set_adapter_layers
-
-        parts = [self.unet] + ([self.text_encoder] if self.hparams.train_text_encoder else [])
-        for part in parts:
-            set_adapter_layers(part, enabled=False)
-        try:
-            yield
-        finally:
-            for part in parts:
-                set_adapter_layers(part, enabled=True)
 
     def step_losses(
         self, batch: dict, generator: torch.Generator | list[torch.Generator], uncond: bool, plain: bool = False
@@ -443,19 +284,6 @@ class DallmModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ optimisation
-    def trainable_groups(self) -> list[dict]:
-        """Parameter groups: LoRA (optimizer lr) and placeholder tokens (token_lr, no weight decay)."""
-        emb = self.token_embedding
-        token_params = [emb.new_embeddings] if emb is not None else []
-        token_ids = {id(p) for p in token_params}
-        lora_params = [p for p in self.parameters() if p.requires_grad and id(p) not in token_ids]
-        groups = [{"params": lora_params, "name": "lora"}]
-        if token_params:
-            groups.append(
-                {"params": token_params, "name": "tokens", "lr": self.hparams.token_lr, "weight_decay": 0.0}
-            )
-        return groups
-
     def configure_optimizers(self):
         optimizer = self.optimizer(self.trainable_groups())
         if self.lr_scheduler is None:
@@ -466,11 +294,6 @@ class DallmModule(pl.LightningModule):
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """State-dict entries of the trainable parameters only (LoRA + token rows)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite("at a checkpoint save")  # never write a checkpoint of a diverged model
         checkpoint["state_dict"] = self.trainable_state_dict()
@@ -495,51 +318,7 @@ class DallmModule(pl.LightningModule):
         if self.ema is not None and "dallm_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["dallm_ema"])
 
-    # ------------------------------------------------------------------ sampling and export
-    def pipeline(self, scheduler=None):
-        """A diffusers pipeline over this module's own (LoRA-carrying) parts; no copies."""
-        from diffusers import DPMSolverMultistepScheduler
-
-        from dallm.base import pipeline_from_parts
-
-        if scheduler is None:
-            scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
-        return pipeline_from_parts(self.tokenizer, self.text_encoder, self.vae, self.unet, scheduler)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: str,
-        seeds: list[int],
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        resolution: int | None = None,
-        scheduler=None,
-        output_type: str = "pil",
-    ):
-        """Sample one image per seed for `prompt` with the current weights (eval mode, restored after)."""
-        was_training = self.training
-        self.eval()
-        try:
-            pipe = self.pipeline(scheduler)
-            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-            autocast = torch.autocast(
-                self.device.type, dtype=self.vae.dtype, enabled=self.vae.dtype != torch.float32
-            )
-            with autocast:
-                out = pipe(
-                    prompt=[prompt] * len(seeds),
-                    generator=generators,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    height=resolution,
-                    width=resolution,
-                    output_type=output_type,
-                )
-            return out.images
-        finally:
-            self.train(was_training)
-
+    # ------------------------------------------------------------------ export
     def export_info(self) -> dict:
         """What every export records (`dallm.json`, LoRA metadata): base, LoRA shape, tokens, prompt, step."""
         hp = self.hparams
@@ -555,6 +334,9 @@ class DallmModule(pl.LightningModule):
             "instance_prompt": hp.instance_prompt,
             "global_step": self.global_step if self._trainer is not None else None,
             "token_files": [tokens.token_file_name(t) for t in hp.placeholder_tokens],
+            # SDXL only (SD v1-5's dallm.json stays as it was): the export writes both encoders' rows
+            **({"sdxl": True, "unet_layers_per_block": self.unet.config.layers_per_block}
+               if self.text_encoder_2 is not None else {}),  # fmt: skip
         }
 
     def export(self, out_dir: str | Path) -> Path:

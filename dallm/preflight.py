@@ -166,13 +166,13 @@ def check_teacher_images(data: Any) -> None:
 
 
 def check_kid_feature(kid: Any) -> None:
-    """--kid.feature's form (and a module: callable's import) before the class images, not at KID setup."""
+    """--kid.feature's form (and a class_path's import and init_args) before the class images, not at KID setup."""
     if kid is None or not kid.get("every_n_steps"):
         return
-    from dallm.features import check_feature_spec
+    from dallm.measure.feature_spec import check_feature_spec
 
     try:
-        check_feature_spec(str(kid.get("feature")), kid.get("weights"))
+        check_feature_spec(kid.get("feature"), kid.get("weights"))
     except (ValueError, ImportError, AttributeError, OSError) as err:
         raise DallmError(f"--kid.feature {kid.get('feature')!r}: {err}") from err
 

@@ -96,7 +96,8 @@ def step_losses(
 
     def predict(plan: RowPlan) -> torch.Tensor:
         idx = plan.latents.to(module.device)
-        return module.unet(noisy[idx], timesteps[idx], module.encode_prompts(plan.prompts)).sample
+        ids = batch["time_ids"].to(module.device)[idx] if "time_ids" in batch else None  # SDXL's (rows, 6)
+        return module.denoise(noisy[idx], timesteps[idx], plan.prompts, ids)
 
     # One batched pass of the student: the same cost as separate ones on a CPU, fewer launches on a GPU.
     pred_s = predict(student)

@@ -8,6 +8,7 @@ Lightning's signature as it is (`**kwargs`, which jsonargparse follows into `Tra
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch import Trainer
@@ -102,3 +103,8 @@ class DallmTrainer(Trainer):
         if self.state.fn == TrainerFn.FITTING and self.validating:
             return False
         return super().received_sigterm
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run directory: the logger's version dir (lightning_logs/<name>/version_k), else default_root_dir."""
+    return Path(trainer.log_dir or trainer.default_root_dir)

@@ -41,7 +41,7 @@ from datetime import date
 import torch
 
 from dallm import diffusion
-from dallm.arch import build_components
+from dallm.arch.sdxl import build_arch_components
 from dallm.module import DallmModule
 
 PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"
@@ -55,7 +55,7 @@ def sync(device: str) -> None:
 
 def make_module(args, dtype, **options) -> DallmModule:
     m = DallmModule("random:" + args.arch, rank=args.rank, instance_prompt=PROMPT, **options)
-    m.attach_base(**build_components(args.arch, dtype=dtype, device=args.device))
+    m.attach_base(**build_arch_components(args.arch, dtype=dtype, device=args.device))
     return m.to(args.device)
 
 
@@ -215,11 +215,11 @@ def peak_memory_gib(device: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--arch", choices=["tiny", "sd15", "sdxl"], default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=None, help="default: 32 (tiny) / 512 (sd15)")
+    p.add_argument("--resolution", type=int, default=None, help="default: 32 (tiny) / 512 (sd15) / 1024 (sdxl)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -238,7 +238,7 @@ def main() -> None:
         "for shared machines. Implies --skip lightning",
     )  # fmt: skip
     args = p.parse_args()
-    args.resolution = args.resolution or (512 if args.arch == "sd15" else 32)
+    args.resolution = args.resolution or {"sd15": 512, "sdxl": 1024}.get(args.arch, 32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     options = {"gradient_checkpointing": args.gradient_checkpointing, "channels_last": args.channels_last,
                "compile": args.compile}  # fmt: skip

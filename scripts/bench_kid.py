@@ -1,7 +1,7 @@
 """Time one KID round: generate N images (guidance, fixed seeds) with the LoRA-carrying model, embed them,
 and score them against cached teacher features — the work KIDCallback does every N steps.
 
-    python scripts/bench_kid.py --arch tiny --device cpu --feature module:dallm.tiny:feature_net
+    python scripts/bench_kid.py --arch tiny --device cpu --feature '{"class_path": "dallm.arch.tiny.TinyFeatureNet"}'
     python scripts/bench_kid.py --arch sd15 --device cuda --dtype bf16 --resolution 512 --feature inception
 
 Weights are random (`dallm.arch`): time and memory do not depend on their values. `--feature inception`
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dallm.arch import build_components, save_random_inception
-from dallm.metrics import build_feature_extractor, features_of_images, kid_from_features
+from dallm.measure.kid import build_feature_extractor, features_of_images, kid_from_features
 from dallm.module import DallmModule
 
 PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--batch_size", type=int, default=20)
-    p.add_argument("--feature", default="module:dallm.tiny:feature_net")
+    p.add_argument("--feature", default='{"class_path": "dallm.arch.tiny.TinyFeatureNet"}', help="a name or a JSON class_path")
     p.add_argument("--weights", default=None, help="Inception weights; default: random of the real shape")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     p.add_argument("--rank", type=int, default=4)
@@ -58,7 +58,8 @@ def main() -> None:
     weights = args.weights
     if args.feature == "inception" and weights is None:
         weights = str(save_random_inception(Path("/tmp/dallm-random-inception.pth")))
-    extractor = build_feature_extractor(args.feature, weights=weights, device=args.device)
+    feature = json.loads(args.feature) if args.feature.startswith("{") else args.feature
+    extractor = build_feature_extractor(feature, weights=weights, device=args.device)
     teacher = torch.randn(
         args.num_samples, extractor(torch.rand(1, 3, res, res, device=args.device)).shape[1]
     )

@@ -101,7 +101,7 @@ def run(cmd: list[str], env: dict, log: Path) -> list[dict]:
 # Runs the paper's config in-process, then prints one JSON row of its wall time, KID rounds and peak memory.
 FIT_RUNNER = """
 import json, resource, sys, time, torch
-from dallm.callbacks import KIDCallback
+from dallm.measure.callback import KIDCallback
 from dallm.cli import main
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
@@ -118,7 +118,7 @@ print(json.dumps({"wall_s": wall, "steps": cli.trainer.global_step,
 
 
 def fit_row(work: Path, base: Path, inception: Path, smoke: bool, env: dict, log: Path) -> list[dict]:
-    from_tiny = [sys.executable, "-c", "import sys; from dallm.tiny import make_tiny_images as m; "
+    from_tiny = [sys.executable, "-c", "import sys; from dallm.arch.tiny import make_tiny_images as m; "
                  "m(sys.argv[1], int(sys.argv[2]), seed=int(sys.argv[3]), size=int(sys.argv[4]))"]  # fmt: skip
     res, n, steps, every = (32, 4, 2, 1) if smoke else (512, 20, 30, 10)
     teacher = work / "teacher"

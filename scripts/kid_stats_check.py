@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_kid_stats import DRAWS, gaussians, normal_cdf  # noqa: E402
 
-from dallm.mmd import mmd2_difference_with_variance, mmd2_with_variance  # noqa: E402
+from dallm.measure.mmd import mmd2_difference_with_variance, mmd2_with_variance  # noqa: E402
 
 for n_real, n_fake in [(20, 20), (20, 100), (50, 50)]:
     for shift in (0.0, 0.3):

@@ -3,7 +3,7 @@
     python scripts/make_gif.py lightning_logs/toy_paper --runs rank=1,num_teacher_images=20,seed=0 \
         rank=4,num_teacher_images=20,seed=0 rank=16,num_teacher_images=20,seed=0 --out docs/toy_ranks.gif
 
-A thin wrapper over `dallm.report.make_gif` (`dallm report --gif true` makes one per family): the
+A thin wrapper over `dallm.sweep.report.make_gif` (`dallm report --gif true` makes one per family): the
 first `--samples` images of the instance-prompt row of each KID round's grid, at the steps all runs share.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dallm.report import make_gif, run_config
+from dallm.sweep.report import make_gif, run_config
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from dallm.tiny import build_tiny_pipeline, make_tiny_images
+from dallm.arch.tiny import build_tiny_pipeline, make_tiny_images
 
 
 def main() -> None:

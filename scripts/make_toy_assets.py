@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dallm.arch.tiny import write_clip_bpe_files
 from dallm.base import vae_roundtrip
 from dallm.manifest import append_manifest, save_png_atomic, save_pretrained, save_safetensors, slot_name
-from dallm.metrics import kid_from_features
-from dallm.tiny import write_clip_bpe_files
+from dallm.measure.kid import kid_from_features
 from dallm.toy import world
 from dallm.toy.features import ToyFeatureNet
 

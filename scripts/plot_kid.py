@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dallm.report import TAGS, load_runs, plot_family, read_scalars, setting_key
+from dallm.sweep.report import TAGS, load_runs, plot_family, read_scalars, setting_key
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import argparse
 import signal
 import sys
 
-from dallm.sweep import sweep
+from dallm.sweep.command import sweep
 
 
 def main() -> int:

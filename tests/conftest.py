@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Stable-Diffusion-layout model (32x32 images, DDIM) saved once per test session."""
-    from dallm.tiny import build_tiny_pipeline
+    from dallm.arch.tiny import build_tiny_pipeline
 
     out = tmp_path_factory.mktemp("tiny_model")
     build_tiny_pipeline(out, seed=0, resolution=32)

@@ -1,4 +1,4 @@
-"""Feature nets for `--feature module:feature_nets:<factory>` in tests (tests/ is on sys.path, not a package)."""
+"""Feature nets for `--feature {class_path: feature_nets.<Class>}` in tests (tests/ is on sys.path, not a package)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,3 @@ class WrongShape(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.mean(dim=(1, 2, 3))
-
-
-def make_feature_net() -> nn.Module:
-    return ColourStats()
-
-
-def make_bad_feature_net() -> nn.Module:
-    return WrongShape()

@@ -54,7 +54,7 @@ TINY_RECORD = {
     "trainer.gradient_clip_algorithm": None,
     "world_size": 1,
     "kid.seed": 0,
-    "kid.feature": "module:dallm.tiny:feature_net",
+    "kid.feature": "module:dallm.tiny:feature_net",  # what checkpoints before the class_path form recorded
     "kid.weights": None,
     "kid.num_inference_steps": 4,
     "kid.guidance_scale": 7.5,
@@ -576,7 +576,8 @@ CASES.update(
         "resume-world-size-differs": resume({"world_size": 2}, match="(world size) 2 vs 1"),
         "resume-kid-seed-differs": resume({}, "--kid.seed", "3", match="--kid.seed 0 vs 3"),
         "resume-kid-feature-differs": resume(
-            {}, "--kid.feature", "toy", match="--kid.feature 'module:dallm.tiny:feature_net' vs 'toy'"
+            {}, "--kid.feature", "toy",
+            match="--kid.feature {'class_path': 'dallm.arch.tiny.TinyFeatureNet', 'init_args': {}} vs 'toy'"
         ),
         "resume-scheduler-class-differs": resume(
             {"model.lr_scheduler": "torch.optim.lr_scheduler.LinearLR"},
@@ -615,7 +616,7 @@ CASES.update(
             "--kid.feature", "nosuch", match="--kid.feature 'nosuch'"
         ),
         "kid-feature-module-missing": fit(
-            "--kid.feature", "module:no_such_module:net", match="cannot import no_such_module"
+            "--kid.feature", '{"class_path": "no_such_module.Net"}', match="--feature no_such_module.Net: cannot import"
         ),
         "data-teacher-image-over-pixel-limit-before-class-images": fit_with(
             lambda tmp: [
@@ -1005,12 +1006,12 @@ def command_parsers() -> dict:
     from jsonargparse import ArgumentParser
 
     from dallm.cli import build_parser
-    from dallm.export import export
-    from dallm.kid import kid_parser
-    from dallm.report import report
-    from dallm.sample import sample
-    from dallm.sweep import sweep_parser
-    from dallm.teacher import teacher_parser
+    from dallm.export.command import export
+    from dallm.export.sample import sample
+    from dallm.measure.command import kid_parser
+    from dallm.sweep.command import sweep_parser
+    from dallm.sweep.report import report
+    from dallm.teacher.command import teacher_parser
 
     subs = build_parser()._subcommands_action._name_parser_map
     out = {"fit": subs["fit"], "validate": subs["validate"], "teacher": teacher_parser(), "kid": kid_parser(),

@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dallm.callbacks import KIDCallback, StepProgressBar
+from dallm.callbacks import StepProgressBar
 from dallm.cli import main
+from dallm.measure.callback import KIDCallback
 
 KID = ["--kid.num_samples", "6", "--kid.num_inference_steps", "3"]
 pytestmark = pytest.mark.slow
@@ -148,7 +149,7 @@ def test_toy_run_best_is_the_argmin_of_kid_and_sample_uses_it(tmp_path):
 def test_dora_and_noise_offset_train_and_their_export_loads_in_diffusers(tmp_path):
     from test_export import PROMPT, image, pipeline
 
-    from dallm.sample import make_scheduler
+    from dallm.export.sample import make_scheduler
 
     cli = main(
         ["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml"),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dallm.arch.tiny import make_tiny_images
 from dallm.cache import LatentCache, vae_identity
-from dallm.dataset import TeacherPriorDataset, collate
+from dallm.data.dataset import TeacherPriorDataset, collate
 from dallm.module import DallmModule
-from dallm.tiny import make_tiny_images
 
 PROMPT = "a realistic painting of a cat in baroque art style like <s1><s2>"
 CLASS = "a realistic painting of a cat"

@@ -260,3 +260,24 @@ def test_ddp_two_processes_end_identical(tmp_path):
     # KID rounds (step 0 and the end) ran with each rank sampling its share of the seeds.
     assert len(list((tmp_path / "logs").rglob("samples/step=000003.png"))) == 1
     assert "dallm: step 3: kid/train" in result.stderr + result.stdout
+
+
+def test_dallm_alone_and_help_name_dallm_and_list_every_command_with_one_line(capsys):
+    from dallm.cli import COMMANDS, DallmCLI
+
+    commands = [*DallmCLI.subcommands(), *COMMANDS]
+    assert set(commands) == {"fit", "validate", "teacher", "kid", "sample", "export", "sweep", "report"}
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dallm ") and "__main__" not in out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()]
+    assert sorted(listed) == sorted(commands)  # each command on exactly one line
+    # `python -m dallm` alone: the same list, exit 2 (no command given); the prog is dallm, not __main__.py.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bare = subprocess.run([sys.executable, "-m", "dallm"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert bare.returncode == 2 and bare.stdout == out
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: dallm [options] fit ")

@@ -1,4 +1,4 @@
-"""Tests of dallm.data: the DataModule's teacher/val split, prompts, class images (present, refused, generated), loaders."""
+"""Tests of dallm.data.datamodule: the DataModule's teacher/val split, prompts, class images (present, refused, generated), loaders."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dallm.data import DallmDataModule
+from dallm.arch.tiny import make_tiny_images
+from dallm.data.datamodule import DallmDataModule
 from dallm.manifest import append_manifest, lock_directory, read_manifest, sha256_file
-from dallm.tiny import make_tiny_images
 
 CLASS_PROMPT = "a painting of a cat"
 
@@ -194,7 +194,7 @@ def test_val_subfolder_is_picked_up(tmp_path):
 
 
 def test_prior_generation_is_cached_and_extended(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import dallm.generate as generate
+    import dallm.teacher.pipeline as generate
 
     calls = []
     real = generate.generate_with_pipeline

@@ -1,4 +1,4 @@
-"""Tests of dallm.dataset: seeded preprocessing and the batch contract."""
+"""Tests of dallm.data.dataset: seeded preprocessing and the batch contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dallm.dataset import TeacherPriorDataset, collate, preprocess
+from dallm.data.dataset import TeacherPriorDataset, collate, preprocess
 
 
 def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -40,6 +40,7 @@ def test_preprocess_shape_range_and_determinism():
 def test_collate_validation_seeds():
     ds = TeacherPriorDataset([(Path("x.png"), "p")], resolution=8)
     ds._images[Path("x.png")] = Image.new("RGB", (8, 8), (255, 0, 0))
+    ds._sizes[Path("x.png")] = (8, 8)  # the file's own size (SDXL time ids)
     ds._content_ids[Path("x.png")] = "x"  # no file behind it: the cache key's content id, given
     batch = collate([ds[3], ds[4]])
     assert batch["seeds"].tolist() == [3, 4]

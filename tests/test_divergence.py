@@ -67,7 +67,7 @@ def test_non_finite_loss_at_the_first_step_writes_nothing(tmp_path, capsys):
 def test_kid_round_skips_a_non_finite_model(tmp_path):
     from types import SimpleNamespace
 
-    from dallm.callbacks import KIDCallback
+    from dallm.measure.callback import KIDCallback
 
     class Broken:
         device = torch.device("cpu")

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dallm.formats import write_exports
+from dallm.export.formats import write_exports
 from dallm.module import DallmModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_export_of_a_lora_dir_equals_the_training_time_export(tiny_model_dir, tm
     from PIL import Image
 
     from dallm.cli import main
-    from dallm.formats import copy_export
+    from dallm.export.formats import copy_export
 
     module = trained_module(tiny_model_dir, rank=4, alpha=8, train_text_encoder=True)
     run = tmp_path / "logs" / "tiny" / "version_0"  # a run dir whose checkpoints are gone
@@ -215,7 +215,7 @@ def test_exported_files_follow_the_umask(tiny_model_dir, tmp_path):
     import os
 
     from dallm.cache import LatentCache
-    from dallm.formats import copy_export
+    from dallm.export.formats import copy_export
 
     module = trained_module(tiny_model_dir)
     old = os.umask(0o022)

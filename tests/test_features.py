@@ -1,4 +1,4 @@
-"""Image preparation for the feature extractors (dallm.features): each image on its own, bounded memory.
+"""Image preparation for the feature extractors (dallm.measure.features): each image on its own, bounded memory.
 
 KID of a folder must not depend on file names, order, or another image's size, and an image and its
 pixel-replicated 4x copy must give the same features (the integer box shrink brings the copy back
@@ -18,18 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-from dallm import features
+from dallm.arch.tiny import make_tiny_images
 from dallm.cli import main
-from dallm.features import (
+from dallm.measure import features
+from dallm.measure.feature_spec import build_feature_extractor
+from dallm.measure.features import (
     INCEPTION_SIZE,
     ModuleFeatures,
-    build_feature_extractor,
     clean_resize,
     decode_for,
     features_of_dir,
 )
-from dallm.metrics import kid_from_features
-from dallm.tiny import make_tiny_images
+from dallm.measure.kid import kid_from_features
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -124,7 +124,7 @@ def test_an_absurdly_large_image_is_one_error_line_naming_the_file(tmp_path, fol
 
 PROBE = """
 import json, resource, sys
-from dallm.features import ModuleFeatures, features_of_paths
+from dallm.measure.features import ModuleFeatures, features_of_paths
 sys.path.insert(0, "tests")
 from feature_nets import ColourStats
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)

@@ -1,11 +1,11 @@
-"""Tests of dallm.generate: one seed per image, whatever the batch."""
+"""Tests of dallm.teacher.pipeline: one seed per image, whatever the batch."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from dallm.generate import generate_with_pipeline
+from dallm.teacher.pipeline import generate_with_pipeline
 
 
 def test_generation_same_seed_same_image_any_batch_size(tmp_path, tiny_model_dir):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dallm.arch.tiny import make_tiny_images
 from dallm.images import list_images, load_rgb
-from dallm.tiny import make_tiny_images
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""KID's standard error and the relative KID test (dallm.metrics), checked against brute force.
+"""KID's standard error and the relative KID test (dallm.measure.kid), checked against brute force.
 
 Synthetic Gaussian features, many independent draws at once (the batched math carries leading
 dimensions), so each check is a Monte Carlo of 1000 draws that runs in well under a second.
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from dallm import mmd
-from dallm.metrics import (
+from dallm.measure import mmd
+from dallm.measure.kid import (
     kid_from_features,
     mmd2_difference_with_variance,
     mmd2_with_variance,

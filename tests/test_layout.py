@@ -1,5 +1,5 @@
-"""The house plan: dallm's import graph (every import statement, lazy ones too) has no cycle, and no
-library module imports a command module."""
+"""The house plan: dallm's import graph (every import statement, lazy ones too) has no cycle, no library
+module imports a command module, and each wing imports only its own wing and the wings below it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,48 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dallm"
-# Modules that serve both the library and a command (none today; `dallm kid` is dallm.kid).
+# Modules that serve both the library and a command (none today; `dallm kid` is dallm.measure.command).
 LIBRARY_WITH_COMMAND: set[str] = set()
-# Command-layer modules that no COMMANDS entry names: dallm.launch runs `dallm fit` for `dallm sweep`.
-COMMAND_HELPERS = {"dallm.launch"}
+# Command-layer modules that no COMMANDS entry names: dallm.sweep.launch runs `dallm fit` for `dallm sweep`.
+COMMAND_HELPERS = {"dallm.sweep.launch"}
+
+# The wings, bottom to top (README "Layout"). A module may import its own wing and any wing below it, never
+# one above. The training core sits at the bottom; the modules that wire a `dallm fit` run together
+# (callbacks, the resume contract, preflight, the command table) sit above every wing they wire in;
+# `dallm sweep` builds the fit parser and launches `dallm fit`, so it sits above the command table.
+WINGS: list[tuple[str, set[str]]] = [
+    ("core", {"dallm", "dallm.errors", "dallm.ranges", "dallm.manifest", "dallm.images", "dallm.base",
+              "dallm.diffusion", "dallm.objective", "dallm.step", "dallm.cache", "dallm.lora", "dallm.tokens",
+              "dallm.ema", "dallm.student", "dallm.module", "dallm.trainer", "dallm.resume", "dallm.sdxl",
+              "dallm.optim"}),
+    ("worlds", {"dallm.toy", "dallm.arch"}),
+    ("teacher", {"dallm.teacher"}),
+    ("data", {"dallm.data"}),  # the class images are made by the teacher wing's diffusers filler
+    ("measure", {"dallm.measure"}),
+    ("export", {"dallm.export"}),
+    ("run", {"dallm.callbacks", "dallm.contract", "dallm.preflight", "dallm.cli"}),
+    ("sweep", {"dallm.sweep"}),
+    ("entry", {"dallm.__main__"}),
+]  # fmt: skip
+
+
+def wing_of(module: str, wings: list[tuple[str, set[str]]] = WINGS) -> int | None:
+    """Index in `wings` of the module's wing: a listed module, or a module inside a listed package."""
+    for i, (_, names) in enumerate(wings):
+        if module in names or any(module.startswith(n + ".") for n in names - {"dallm"}):
+            return i
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]], wings: list[tuple[str, set[str]]] = WINGS) -> list[str]:
+    """`module (wing) -> module (wing)` for every import of a wing above the importer's."""
+    out = []
+    for m, targets in graph.items():
+        for t in targets:
+            a, b = wing_of(m, wings), wing_of(t, wings)
+            if a is not None and b is not None and b > a:
+                out.append(f"{m} ({wings[a][0]}) -> {t} ({wings[b][0]})")
+    return sorted(out)
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
@@ -97,13 +135,13 @@ def layering_violations(root: Path, exempt: set[str] = frozenset()) -> list[str]
 
 def test_dallm_has_no_import_cycle():
     graph = import_graph(PACKAGE)
-    assert {"dallm.data", "dallm.teacher", "dallm.base", "dallm.images"} <= graph.keys()
-    assert "dallm.images" in graph["dallm.metrics"]  # lazy and top-level imports are both edges
+    assert {"dallm.data.datamodule", "dallm.teacher.command", "dallm.base", "dallm.images"} <= graph.keys()
+    assert "dallm.images" in graph["dallm.measure.kid"]  # lazy and top-level imports are both edges
     assert cycles(graph) == []
 
 
 def test_no_library_module_imports_a_command_module():
-    assert {"dallm.cli", "dallm.teacher"} <= command_modules(PACKAGE)
+    assert {"dallm.cli", "dallm.teacher.command"} <= command_modules(PACKAGE)
     assert layering_violations(PACKAGE, LIBRARY_WITH_COMMAND) == []
 
 
@@ -119,3 +157,17 @@ def test_the_checks_find_a_cycle_and_a_library_importing_a_command(tmp_path):
     assert graph["pkg.lib"] == {"pkg.other"} and graph["pkg.go"] == {"pkg.lib"}
     assert cycles(graph) == [["pkg.go", "pkg.lib", "pkg.other"]]
     assert layering_violations(pkg) == ["pkg.other -> pkg.go"]
+
+
+def test_every_module_has_a_wing_and_no_wing_imports_one_above_it():
+    graph = import_graph(PACKAGE)
+    assert sorted(m for m in graph if wing_of(m) is None) == []
+    assert {"dallm.data.datamodule", "dallm.measure.round", "dallm.export.command"} <= graph.keys()
+    assert "dallm.teacher.pipeline" in graph["dallm.data.datamodule"]  # downward: allowed
+    assert upward_imports(graph) == []
+
+
+def test_the_wing_check_finds_an_upward_import():
+    graph = {"dallm.base": {"dallm.data.datamodule"}, "dallm.data.datamodule": {"dallm.base"}, "dallm.x": set()}
+    assert wing_of("dallm.x") is None and wing_of("dallm.data") == wing_of("dallm.data.stream") == 3
+    assert upward_imports(graph) == ["dallm.base (core) -> dallm.data.datamodule (data)"]

@@ -1,4 +1,4 @@
-"""KID / CMMD and their feature extractors (dallm.metrics), and the `dallm kid` command."""
+"""KID / CMMD and their feature extractors (dallm.measure.kid), and the `dallm kid` command."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dallm.arch.tiny import make_tiny_images
 from dallm.cli import main
-from dallm.features import clean_resize
 from dallm.images import load_rgb
-from dallm.metrics import (
+from dallm.measure.features import clean_resize
+from dallm.measure.kid import (
     INCEPTION_ENV,
     INCEPTION_FILE,
     build_feature_extractor,
@@ -29,10 +30,10 @@ from dallm.metrics import (
     kid_from_features,
     resolve_inception_weights,
 )
-from dallm.tiny import make_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
-FEATURE = "module:feature_nets:make_feature_net"  # tests/feature_nets.py; tests/ is on sys.path
+FEATURE = {"class_path": "feature_nets.ColourStats"}  # tests/feature_nets.py; tests/ is on sys.path
+FEATURE_FLAG = json.dumps(FEATURE)  # the same as `--feature` takes it
 KEYS = {"kid_mean", "kid_se", "kid_std", "n_real", "n_fake", "subset_size", "subsets", "feature", "note"}
 RELATIVE_KEYS = {"kid_a", "kid_a_se", "kid_b", "kid_b_se", "diff", "diff_se", "z", "p_value"}
 RELATIVE_KEYS |= {"n_real", "n_a", "n_b", "feature", "note"}
@@ -181,12 +182,18 @@ def test_clip_normalisation_comes_from_preprocessor_config(tmp_path, tiny_clip_d
 
 
 def test_module_feature_output_is_validated():
-    with pytest.raises(ValueError, match=r"--feature module:feature_nets:make_bad_feature_net.*\(N, D\)"):
-        build_feature_extractor("module:feature_nets:make_bad_feature_net")(torch.rand(2, 3, 8, 8))
-    with pytest.raises(ValueError, match="cannot import"):
-        build_feature_extractor("module:no_such_module_here:f")
-    with pytest.raises(ValueError, match="has no attribute"):
-        build_feature_extractor("module:feature_nets:nope")
+    with pytest.raises(ValueError, match=r"--feature feature_nets.WrongShape.*\(N, D\)"):
+        build_feature_extractor({"class_path": "feature_nets.WrongShape"})(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="--feature no_such_module_here.F: cannot import"):
+        build_feature_extractor({"class_path": "no_such_module_here.F"})
+    with pytest.raises(ValueError, match="--feature feature_nets.nope: cannot import"):
+        build_feature_extractor({"class_path": "feature_nets.nope"})
+    with pytest.raises(ValueError, match="--feature torch.nn.functional.relu: not an nn.Module class"):
+        build_feature_extractor({"class_path": "torch.nn.functional.relu"})
+    with pytest.raises(ValueError, match="--feature feature_nets.ColourStats: init_args {'dim': 3}"):
+        build_feature_extractor({"class_path": "feature_nets.ColourStats", "init_args": {"dim": 3}})
+    with pytest.raises(ValueError, match="unknown feature 'module:feature_nets:make_feature_net'"):
+        build_feature_extractor("module:feature_nets:make_feature_net")  # the spec string before class_path
 
 
 def test_toy_feature_net_separates_the_two_worlds():
@@ -289,35 +296,35 @@ def test_kid_control_same_distribution_is_far_below_a_different_one(image_sets):
 
 def test_dallm_kid_prints_one_json_object(capsys, image_sets):
     code, out, err = kid_cli(
-        capsys, str(image_sets["dark_a"]), str(image_sets["light"]), "--feature", FEATURE, "--subsets", "7"
+        capsys, str(image_sets["dark_a"]), str(image_sets["light"]), "--feature", FEATURE_FLAG, "--subsets", "7"
     )
     assert code == 0, err
     result = json.loads(out)  # the whole of stdout is one JSON object
     assert set(result) == KEYS
     assert (result["n_real"], result["n_fake"], result["subset_size"], result["subsets"]) == (20, 20, 20, 1)
     assert result["kid_std"] is None and "whole set" in result["note"]
-    assert result["feature"] == FEATURE and result["kid_mean"] > 0.01
+    assert result["feature"] == FEATURE["class_path"] and result["kid_mean"] > 0.01
     assert "dallm kid:" in err  # progress goes to stderr
 
 
 def test_dallm_kid_prints_kid_se(capsys, image_sets):
-    code, out, _ = kid_cli(capsys, str(image_sets["dark_a"]), str(image_sets["light"]), "--feature", FEATURE)
+    code, out, _ = kid_cli(capsys, str(image_sets["dark_a"]), str(image_sets["light"]), "--feature", FEATURE_FLAG)
     result = json.loads(out)
     assert code == 0 and result["kid_se"] is not None and 0 < result["kid_se"] < result["kid_mean"]
 
 
 def test_dallm_kid_with_two_fake_folders_runs_the_relative_test(capsys, image_sets):
     real, near, far = (str(image_sets[k]) for k in ("dark_a", "dark_b", "light"))
-    code, out, err = kid_cli(capsys, real, near, far, "--feature", FEATURE)
+    code, out, err = kid_cli(capsys, real, near, far, "--feature", FEATURE_FLAG)
     assert code == 0, err
     result = json.loads(out)
     assert set(result) == RELATIVE_KEYS
     assert (result["n_real"], result["n_a"], result["n_b"]) == (20, 20, 20)
     assert result["diff"] == pytest.approx(result["kid_a"] - result["kid_b"])
     assert result["diff"] < 0 and result["p_value"] < 0.01  # the other half of the dark set is closer
-    code, out, _ = kid_cli(capsys, real, far, near, "--feature", FEATURE)
+    code, out, _ = kid_cli(capsys, real, far, near, "--feature", FEATURE_FLAG)
     assert code == 0 and json.loads(out)["p_value"] > 0.99
-    code, out, err = kid_cli(capsys, real, near, str(image_sets["dark_a"] / "missing"), "--feature", FEATURE)
+    code, out, err = kid_cli(capsys, real, near, str(image_sets["dark_a"] / "missing"), "--feature", FEATURE_FLAG)
     assert code == 2 and out == "" and "FAKE_B_DIR: directory" in err.strip().splitlines()[-1]
 
 
@@ -343,7 +350,7 @@ def test_dallm_kid_subprocess(image_sets):
         "HF_HUB_OFFLINE": "1",
     }
     cmd = [sys.executable, "-m", "dallm", "kid", str(image_sets["dark_a"]), str(image_sets["dark_b"])]
-    cmd += ["--feature", FEATURE, "--subset_size", "10", "--subsets", "5", "--seed", "1"]
+    cmd += ["--feature", FEATURE_FLAG, "--subset_size", "10", "--subsets", "5", "--seed", "1"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -377,7 +384,7 @@ def test_dallm_kid_bad_input_is_one_error_line_and_exit_2(
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     monkeypatch.delenv("DALLM_TRACEBACK", raising=False)
     good = str(image_sets["dark_b"])
-    real, feature = str(image_sets["dark_a"]), FEATURE
+    real, feature = str(image_sets["dark_a"]), FEATURE_FLAG
     if case == "missing":
         real = str(tmp_path / "missing")
     elif case == "empty":

@@ -1,4 +1,4 @@
-"""The readouts a person would agree with (dallm.readouts) and the base-prediction term (--model.hold_weight).
+"""The readouts a person would agree with (dallm.measure.readouts) and the base-prediction term (--model.hold_weight).
 
 The toy heads are checked against image sets made by hand with the toy world's own renderers and the
 shipped teacher images; the paired drift and the hold term against a LoRA that is zero and one that is not.
@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_module import PROMPT, fake_batch, make_module
 
-from dallm import readouts
-from dallm.metrics import build_feature_extractor, features_of_paths
+from dallm.measure import readouts
+from dallm.measure.kid import build_feature_extractor, features_of_paths
 from dallm.step import held_prompts
 from dallm.toy import world
 
@@ -51,7 +51,7 @@ def test_teacher_images_read_as_teacher_world_circles(toy):
 def test_the_base_models_own_class_images_read_as_base_world_circles(toy, tmp_path):
     # The class images a toy run makes (the data module's own generation, as configs/toy.yaml sets it):
     # the reference the class-prompt readouts are judged against must itself read as the base's circles.
-    from dallm.data import DallmDataModule
+    from dallm.data.datamodule import DallmDataModule
 
     dm = DallmDataModule(
         teacher_dir=str(ROOT / "dallm/toy/assets/teacher"), num_teacher_images=20,
@@ -271,7 +271,7 @@ def test_weight_average_swaps_in_and_restores_exactly():
 def test_report_of_one_run_draws_its_figure_and_readouts(tmp_path, capsys):
     from helpers import fit
 
-    from dallm.report import report
+    from dallm.sweep.report import report
 
     fit(tmp_path, "--kid.every_n_steps", "2", "--kid.num_samples", "4", "--kid.num_inference_steps", "2",
         "--kid.feature", "toy", "--model.hold_weight", "1", steps=2, every=2)  # fmt: skip

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dallm.arch import save_random_base, save_random_inception
-from dallm.tiny import make_tiny_images
+from dallm.arch.tiny import make_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "sd15_baroque_cats.yaml"

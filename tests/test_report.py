@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dallm.report import families, grid_samples, report, report_main, summarize
+from dallm.sweep.report import families, grid_samples, report, report_main, summarize
 
 # kid/val per (rank, seed) at steps 0, 50, 100; kid/val_se constant per run.
 CURVES = {
@@ -79,7 +79,7 @@ def test_summary_of_one_seed_has_no_spread() -> None:
 
 
 def test_samples_read_back_from_the_kid_grid_exactly(tmp_path: Path) -> None:
-    from dallm.callbacks import KIDCallback
+    from dallm.measure.callback import KIDCallback
 
     gen = torch.Generator().manual_seed(0)
     rows = [

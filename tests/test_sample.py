@@ -11,8 +11,8 @@ from PIL import Image
 from test_export import PROMPT, pipeline, trained_module
 
 from dallm.cli import main
-from dallm.formats import write_exports
-from dallm.sample import make_scheduler, parse_seeds, resolve_lora_dir
+from dallm.export.formats import write_exports
+from dallm.export.sample import make_scheduler, parse_seeds, resolve_lora_dir
 
 PLAIN = "a painting of a cat"  # no placeholder tokens: with the LoRA off it is the base model's prompt
 
@@ -83,7 +83,7 @@ def test_sample_errors_name_the_flag(tmp_path, capsys):
 def test_grid_labels_stay_apart_at_small_image_sizes():
     from PIL import ImageDraw
 
-    from dallm.sample import label_grid
+    from dallm.export.sample import label_grid
 
     tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
     columns = ["seed 101", "seed 102", "seed 103"]

@@ -1,8 +1,8 @@
-"""Tests of dallm.stream: the run's training order as a pure function of (seed, position, rank)."""
+"""Tests of dallm.data.stream: the run's training order as a pure function of (seed, position, rank)."""
 
 from __future__ import annotations
 
-from dallm.stream import StepSampler
+from dallm.data.stream import StepSampler
 
 
 def test_step_sampler_deterministic_and_resume_is_tail():

@@ -19,7 +19,16 @@ from safetensors.torch import load_file
 
 from dallm.cli import main
 from dallm.resume import TEST_PAUSE_ENV
-from dallm.sweep import Run, expand, parse_grid_item, prepare, run_name, sweep, sweep_main, write_record
+from dallm.sweep.command import (
+    Run,
+    expand,
+    parse_grid_item,
+    prepare,
+    run_name,
+    sweep,
+    sweep_main,
+    write_record,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -187,7 +196,7 @@ def test_local_and_submitit_launchers_equal_single_fits(
 
 
 def _slurm(cluster: str):
-    from dallm.sweep import SlurmOptions
+    from dallm.sweep.command import SlurmOptions
 
     return SlurmOptions(cluster=cluster, cpus_per_task=1, time=10)
 
@@ -241,7 +250,7 @@ def test_killed_sweep_resumes_crash_fails_alone_and_hparams_read_back(tmp_path: 
     assert hp["last"]["hp/kid_val_last"] == pytest.approx(kid_val[6])
 
     # The report regenerates its table from the sweep dirs, and the saved samples give the logged KID back.
-    from dallm.report import report
+    from dallm.sweep.report import report
 
     assert report(str(root), out=str(tmp_path / "rep" / "r.md")) == 0
     text = (tmp_path / "rep" / "r.md").read_text()

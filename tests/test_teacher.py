@@ -22,11 +22,11 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from dallm.cli import main
-from dallm.data import DallmDataModule
+from dallm.data.datamodule import DallmDataModule
 from dallm.manifest import lock_directory, read_manifest, sha256_file
-from dallm.openai_teacher import backoff_seconds, retry_after_seconds
-from dallm.teacher import teacher_main
-from dallm.teacher_dir import split_counts
+from dallm.teacher.command import teacher_main
+from dallm.teacher.openai import backoff_seconds, retry_after_seconds
+from dallm.teacher.slots import split_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-DALLM-0123456789-do-not-print"

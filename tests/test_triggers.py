@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load_file
 from test_export import PROMPT, RUN, trained_module
 
-from dallm.formats import run_name, write_trained
-from dallm.trained import from_module
-from dallm.trigger import check_trigger_name, safe_name, tool_prompts, trigger_prompt
+from dallm.export.formats import run_name, write_trained
+from dallm.export.trained import from_module
+from dallm.export.trigger import check_trigger_name, safe_name, tool_prompts, trigger_prompt
 
 TRIGGER = "a realistic painting of a cat in baroque art style like tiny-v0"
 KOHYA_KEY = re.compile(

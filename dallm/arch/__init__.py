@@ -72,7 +72,7 @@ def write_sd15_tokenizer(out_dir: str | Path, words: list[str] | tuple[str, ...]
     Ids: the 256 byte symbols, the same with `</w>`, the merge results that make `words` whole tokens,
     filler entries that no merge can produce up to id 49405, then `<|startoftext|>`, `<|endoftext|>`.
     """
-    from dallm.tiny import bytes_to_unicode
+    from dallm.arch.tiny import bytes_to_unicode
 
     out_dir = Path(out_dir)
     chars = list(bytes_to_unicode().values())
@@ -161,7 +161,7 @@ def build_components(
         parts = _sd15(device, dtype, seed)
         scheduler = DDPMScheduler.from_config(_config("sd15_scheduler"))
     elif arch == "tiny":
-        from dallm.tiny import build_tiny_pipeline
+        from dallm.arch.tiny import build_tiny_pipeline
 
         with tempfile.TemporaryDirectory() as tmp:
             pipe = build_tiny_pipeline(tmp, seed=seed)
@@ -194,7 +194,7 @@ def save_random_base(
 
     out_dir = Path(out_dir)
     if arch == "tiny":
-        from dallm.tiny import build_tiny_pipeline
+        from dallm.arch.tiny import build_tiny_pipeline
 
         torch.manual_seed(seed)
         pipe = build_tiny_pipeline(out_dir, seed=seed)
