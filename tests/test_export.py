@@ -239,7 +239,7 @@ def test_saved_base_models_follow_the_umask(tmp_path):
     """A base model dallm writes (tiny, random SD v1-5 architecture, toy) is readable by another user's UI."""
     import os
 
-    from dallm.tiny import build_tiny_pipeline
+    from dallm.arch.tiny import build_tiny_pipeline
 
     old = os.umask(0o027)
     try:
