@@ -274,10 +274,17 @@ def test_dallm_alone_and_help_name_dallm_and_list_every_command_with_one_line(ca
     assert out.startswith("usage: dallm ") and "__main__" not in out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()]
     assert sorted(listed) == sorted(commands)  # each command on exactly one line
-    # `python -m dallm` alone: the same list, exit 2 (no command given); the prog is dallm, not __main__.py.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    bare = subprocess.run([sys.executable, "-m", "dallm"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert bare.returncode == 2 and bare.stdout == out
     with pytest.raises(SystemExit) as done:
         main(["fit", "--help"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: dallm [options] fit ")
+
+
+@pytest.mark.slow  # a fresh interpreter's imports: 5 s of the fast loop
+def test_python_m_dallm_alone_prints_the_same_list_and_exits_2(capsys):
+    """`python -m dallm` alone: the --help list, exit 2 (no command given); the prog is dallm, not __main__.py."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bare = subprocess.run([sys.executable, "-m", "dallm"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert bare.returncode == 2 and bare.stdout == out and "__main__" not in bare.stdout
