@@ -304,6 +304,7 @@ def test_prior_images_are_present_as_teacher_images_are(tmp_path):
         datamodule(teacher, **kwargs).prepare_data()
 
 
+@pytest.mark.slow  # over a second: the full suite runs it, the fast loop stays under a minute
 def test_prior_dir_is_locked_and_stale_temp_files_are_removed(tmp_path):
     teacher = teacher_dir(tmp_path, 3)
     prior = _fake_prior_dir(tmp_path, 2)

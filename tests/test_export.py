@@ -167,6 +167,7 @@ def same_files(a: Path, b: Path) -> None:
     assert (a / "README.md").read_text() == (b / "README.md").read_text()
 
 
+@pytest.mark.slow  # over a second: the full suite runs it, the fast loop stays under a minute
 def test_export_of_a_lora_dir_equals_the_training_time_export(tiny_model_dir, tmp_path, capsys):
     from PIL import Image
 

@@ -234,6 +234,7 @@ def test_inception_weights_resolution(tmp_path, monkeypatch):
         resolve_inception_weights()
 
 
+@pytest.mark.slow  # over a second: the full suite runs it, the fast loop stays under a minute
 def test_inception_extractor_takes_unit_floats_and_returns_2048_features(tmp_path, monkeypatch):
     # Random weights of the right shape stand in for the real file (no download here): this checks the
     # wiring ([0, 1] floats -> uint8, torch-fidelity's tuple output), not the numbers.

@@ -32,6 +32,7 @@ def test_parse_seeds():
         parse_seeds("3-1")
 
 
+@pytest.mark.slow  # over a second: the full suite runs it, the fast loop stays under a minute
 def test_sample_reproduces_the_training_sampler_and_compares_with_the_base(tiny_model_dir, tmp_path, capsys):
     # Same batches as the sampler's (3 seeds): this strongly perturbed tiny model turns the last-bit
     # differences of another batch shape (measured: seed 2 alone vs in a batch of 3, 0.11 max abs) into
