@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import same_export
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -153,18 +154,6 @@ def test_noise_offset_changes_only_the_noise(tiny_model_dir):
         DallmModule("unused", instance_prompt=PROMPT, noise_offset=-0.1)
 
 
-def same_files(a: Path, b: Path) -> None:
-    """Two export dirs hold the same file names, tensors, metadata, dallm.json and model card."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name.endswith(".safetensors"):
-            x, y = load_file(a / name), load_file(b / name)
-            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
-            with safe_open(str(a / name), "pt") as f, safe_open(str(b / name), "pt") as g:
-                assert f.metadata() == g.metadata(), name
-    assert json.loads((a / "dallm.json").read_text()) == json.loads((b / "dallm.json").read_text())
-    assert (a / "README.md").read_text() == (b / "README.md").read_text()
 
 
 @pytest.mark.slow  # over a second: the full suite runs it, the fast loop stays under a minute
@@ -190,9 +179,9 @@ def test_export_of_a_lora_dir_equals_the_training_time_export(tiny_model_dir, tm
 
     # lora/last (the directory the end-of-run summary points at) and the run dir (its lora/last here)
     export(str(run / "lora" / "last"), "--out", str(tmp_path / "again"))
-    same_files(tmp_path / "again", step3)
+    same_export(tmp_path / "again", step3)
     export(str(run))
-    same_files(run / "export" / "step=000003", step3)
+    same_export(run / "export" / "step=000003", step3)
     # another format and another name from the same directory, no checkpoint and no base model needed
     export(str(run / "lora" / "last"), "--format", "a1111", "--name", "cats-v2", "--out", str(tmp_path / "a"))
     out = tmp_path / "a"
